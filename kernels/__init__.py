@@ -1,0 +1,1 @@
+"""Triton kernels of comm_fast (installed as comm_fast.kernels)."""
