@@ -1,0 +1,43 @@
+"""Test configuration. Environment first: Triton must see TRITON_INTERPRET before any @triton.jit."""
+import os
+import secrets
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # No GPU: the Triton kernels run through the interpreter on CPU tensors.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (COMM_FAST_TEST_SEED reproduces one); reported on failure."""
+    value = int(os.environ.get("COMM_FAST_TEST_SEED", secrets.randbelow(2**31)))
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for key, value in item.user_properties:
+            if key == "seed":
+                report.sections.append(("seed", f"COMM_FAST_TEST_SEED={value} reproduces this run"))
