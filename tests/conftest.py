@@ -1,6 +1,7 @@
 """Test configuration. Environment first: Triton must see TRITON_INTERPRET before any @triton.jit."""
 import os
 import secrets
+import sys
 
 import pytest
 
@@ -9,6 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
+
+# Shared test helpers (tests/hf_models.py) import as top-level modules.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     # No GPU: the Triton kernels run through the interpreter on CPU tensors.
