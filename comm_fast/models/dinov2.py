@@ -15,8 +15,11 @@ _RULES = [
     (r"^embeddings\.register_tokens$", "register_tokens"),
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed."),
     (r"^encoder\.layer\.(\d+)\.", r"blocks.\1."),
-    (r"\.attention\.attention\.(query|key|value)\.", r".attn.\1."),
-    (r"\.attention\.output\.dense\.", ".attn.proj."),
+    # saved files name q/k/v "attention.attention.query", transformers 5 in memory "attention.q_proj"
+    (r"\.attention\.(?:attention\.query|q_proj)\.", ".attn.q_proj."),
+    (r"\.attention\.(?:attention\.key|k_proj)\.", ".attn.k_proj."),
+    (r"\.attention\.(?:attention\.value|v_proj)\.", ".attn.v_proj."),
+    (r"\.attention\.(?:output\.dense|o_proj)\.", ".attn.proj."),
     (r"\.layer_scale([12])\.lambda1$", r".ls\1"),
     (r"\.mlp\.weights_in\.", ".mlp.w12."),
     (r"\.mlp\.(weights_out|down_proj)\.", ".mlp.w3."),
@@ -30,7 +33,7 @@ _IGNORE = (r"(layernorm|norm)\.(weight|bias)", r"(embeddings\.)?mask_token")
 
 
 def _fuse(sd):
-    loading.fuse_linears(sd, ("attn.query", "attn.key", "attn.value"), "attn.qkv")
+    loading.fuse_linears(sd, ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn.qkv")
     loading.fuse_linears(sd, ("mlp.gate_proj", "mlp.up_proj"), "mlp.w12")
 
 

@@ -1,0 +1,147 @@
+"""The COMM visual branch (arXiv 2310.08825, DESIGN §1) in plain PyTorch: the ground truth.
+
+Readable next to the paper and never the fast path. Everything fused in comm_fast is tested
+against these functions, and ``COMMReference`` is the composition a user would write from
+transformers' models: ``output_hidden_states=True`` plus per-layer LayerNorm + Linear modules.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from comm_fast.config import COMMVisionConfig
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(x)                       # exact erf GELU
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"activation: unknown {name!r}")
+
+
+def layernorm_weighted_sum(hs: Sequence[torch.Tensor], ln_weight, ln_bias, alpha, eps: float = 1e-5):
+    """Σ_l α_l · LayerNorm_l(h_l)."""
+    return sum(alpha[l] * F.layer_norm(h, h.shape[-1:], ln_weight[l], ln_bias[l], eps) for l, h in enumerate(hs))
+
+
+def multilevel_merge(hs: Sequence[torch.Tensor], ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e-5):
+    """Σ_l α_l · LLN_l(h_l), with LLN_l(x) = Linear_l(LayerNorm_l(x)) (the paper's equation)."""
+    return sum(alpha[l] * F.linear(F.layer_norm(h, h.shape[-1:], ln_weight[l], ln_bias[l], eps), weight[l], bias[l])
+               for l, h in enumerate(hs))
+
+
+def mlp(x, w1, b1, w2, b2, activation_name: str = "gelu"):
+    """Linear → activation → Linear."""
+    return F.linear(activation(F.linear(x, w1, b1), activation_name), w2, b2)
+
+
+def resample_tokens(tokens: torch.Tensor, src_hw, dst_hw, mode: str = "bilinear") -> torch.Tensor:
+    """A [B, H*W, C] token grid resampled like F.interpolate on the NCHW image (align_corners=False)."""
+    b, _, c = tokens.shape
+    x = tokens.reshape(b, *src_hw, c).permute(0, 3, 1, 2)
+    x = F.adaptive_avg_pool2d(x, dst_hw) if mode == "area" else F.interpolate(x, size=tuple(dst_hw), mode=mode,
+                                                                              align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(b, -1, c)
+
+
+class LLN(nn.Module):
+    """LayerNorm, then a Linear."""
+
+    def __init__(self, dim: int, out_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x):
+        return self.linear(self.norm(x))
+
+
+class COMMReference(nn.Module):
+    """The paper's visual branch on top of any encoders that return Hugging Face hidden states.
+
+    ``clip_model`` / ``dino_model``: e.g. transformers' CLIPVisionModel and Dinov2Model.
+    """
+
+    def __init__(self, config: COMMVisionConfig, clip_model: nn.Module, dino_model: nn.Module):
+        super().__init__()
+        self.config = config
+        self.clip_model, self.dino_model = clip_model, dino_model
+        dc = clip_model.config.hidden_size
+        dd = dino_model.config.hidden_size
+        n_clip, n_dino = len(config.clip_layers), len(config.dino_layers)
+        eps = config.ln_eps
+        if config.per_layer_linear:
+            self.clip_lln = nn.ModuleList(LLN(dc, dc, eps) for _ in range(n_clip))
+            self.dino_lln = nn.ModuleList(LLN(dd, dd, eps) for _ in range(n_dino))
+        else:
+            self.clip_norms = nn.ModuleList(nn.LayerNorm(dc, eps=eps) for _ in range(n_clip))
+            self.dino_norms = nn.ModuleList(nn.LayerNorm(dd, eps=eps) for _ in range(n_dino))
+            self.clip_linear, self.dino_linear = nn.Linear(dc, dc), nn.Linear(dd, dd)
+        self.alpha = nn.Parameter(torch.full((n_clip,), 1.0 / n_clip))
+        self.beta = nn.Parameter(torch.full((n_dino,), 1.0 / n_dino))
+        hidden = config.mlp_ratio * dc
+        self.dino_mlp = nn.Sequential(nn.Linear(dd, hidden), nn.Identity(), nn.Linear(hidden, dc))
+        self.projector = nn.Linear((2 if config.combine == "concat" else 1) * dc, config.out_dim)
+
+    def _weights(self, w):
+        return torch.softmax(w, dim=0) if self.config.layer_weights == "softmax" else w
+
+    def _merge(self, hidden_states, lln, norms, linear, weights):
+        if self.config.per_layer_linear:
+            return sum(weights[i] * lln[i](h) for i, h in enumerate(hidden_states))
+        return linear(sum(weights[i] * norms[i](h) for i, h in enumerate(hidden_states)))
+
+    def forward(self, clip_pixels: torch.Tensor, dino_pixels: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        clip_out = self.clip_model(pixel_values=clip_pixels, output_hidden_states=True,
+                                   interpolate_pos_encoding=True)
+        dino_out = self.dino_model(pixel_values=dino_pixels, output_hidden_states=True)
+        n_reg = getattr(self.dino_model.config, "num_register_tokens", 0)
+        # patch tokens only: CLIP drops CLS, DINOv2 drops CLS and registers
+        clip_hs = [clip_out.hidden_states[i][:, 1:] for i in cfg.clip_layers]
+        dino_hs = [dino_out.hidden_states[i][:, 1 + n_reg:] for i in cfg.dino_layers]
+        v1 = self._merge(clip_hs, getattr(self, "clip_lln", None), getattr(self, "clip_norms", None),
+                         getattr(self, "clip_linear", None), self._weights(self.alpha))
+        v2 = self._merge(dino_hs, getattr(self, "dino_lln", None), getattr(self, "dino_norms", None),
+                         getattr(self, "dino_linear", None), self._weights(self.beta))
+        clip_grid = self._grid(clip_pixels, self.clip_model)
+        dino_grid = self._grid(dino_pixels, self.dino_model)
+        if clip_grid != dino_grid:
+            v2 = resample_tokens(v2, dino_grid, clip_grid, cfg.grid_resample)
+        fc1, _, fc2 = self.dino_mlp
+        m = fc2(activation(fc1(v2), cfg.mlp_activation))
+        fused = torch.cat([v1, m], dim=-1) if cfg.combine == "concat" else v1 + m
+        return self.projector(fused)
+
+    @staticmethod
+    def _grid(pixels, model):
+        p = model.config.patch_size
+        return pixels.shape[-2] // p, pixels.shape[-1] // p
+
+    @torch.no_grad()
+    def load_merge_weights(self, tower) -> "COMMReference":
+        """Copy the merge modules, MLP and projector of a COMMVisionTower (stacked per layer) into this one."""
+        for enc, w in (("clip", self.alpha), ("dino", self.beta)):
+            merge = getattr(tower, f"{enc}_merge")
+            w.copy_(merge.alpha)
+            if self.config.per_layer_linear:
+                for i, lln in enumerate(getattr(self, f"{enc}_lln")):
+                    lln.norm.weight.copy_(merge.ln_weight[i]); lln.norm.bias.copy_(merge.ln_bias[i])
+                    lln.linear.weight.copy_(merge.weight[i]); lln.linear.bias.copy_(merge.bias[i])
+            else:
+                for i, norm in enumerate(getattr(self, f"{enc}_norms")):
+                    norm.weight.copy_(merge.ln_weight[i]); norm.bias.copy_(merge.ln_bias[i])
+                linear = getattr(self, f"{enc}_linear")
+                linear.weight.copy_(merge.weight); linear.bias.copy_(merge.bias)
+        fc1, _, fc2 = self.dino_mlp
+        fc1.load_state_dict(tower.dino_mlp.fc1.state_dict()); fc2.load_state_dict(tower.dino_mlp.fc2.state_dict())
+        self.projector.load_state_dict(tower.projector.state_dict())
+        return self

@@ -1,0 +1,253 @@
+"""COMMVisionTower: CLIP + DINOv2 multi-level features merged into LLM-ready visual tokens.
+
+    v1  = Σ_i α_i · LLN_i(h_i^clip)             clip_merge  (one GEMM over K = L·D)
+    v2  = Σ_j β_j · LLN_j(h_j^dino)             dino_merge
+    v2  → CLIP's grid when the grids differ      resample_tokens
+    m   = MLP(v2)                                dino_mlp    (fused_mlp)
+    out = Projector([v1 ; m])                    projector   (v1·P_aᵀ + m·P_bᵀ, no concat)
+
+Under torch.no_grad() the merges are accumulated layer by layer as the encoders run, so at most
+one hidden state per encoder is alive; with autograd the requested hidden states go into one
+preallocated buffer that the merge reads in place.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from comm_fast import ops
+from comm_fast.config import CONFIG_TYPE, COMMVisionConfig
+from comm_fast.models import CLIPVisionEncoder, DINOv2Encoder, ViTConfig, loading
+from comm_fast.models.vit import ViTEncoder
+
+
+class MultiLevelMerge(nn.Module):
+    """Σ_l w_l · LLN_l(h_l) with parameters stacked over layers (the layout the fused ops read).
+
+    With ``per_layer_linear=False`` the Linear is shared: Linear(Σ_l w_l · LN_l(h_l)).
+    """
+
+    def __init__(self, num_layers: int, dim: int, out_dim: int, per_layer_linear: bool = True,
+                 layer_weights: str = "raw", eps: float = 1e-5):
+        super().__init__()
+        self.per_layer_linear, self.layer_weights, self.eps = per_layer_linear, layer_weights, eps
+        self.ln_weight = nn.Parameter(torch.ones(num_layers, dim))
+        self.ln_bias = nn.Parameter(torch.zeros(num_layers, dim))
+        lead = (num_layers,) if per_layer_linear else ()
+        self.weight = nn.Parameter(torch.empty(*lead, out_dim, dim))
+        self.bias = nn.Parameter(torch.empty(*lead, out_dim))
+        self.alpha = nn.Parameter(torch.empty(num_layers))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """LayerNorms as identity, α = 1/L, each Linear as nn.Linear initialises it."""
+        self.ln_weight.fill_(1.0)
+        self.ln_bias.zero_()
+        self.alpha.fill_(1.0 / self.alpha.shape[0])
+        bound = 1.0 / math.sqrt(self.weight.shape[-1])
+        self.weight.uniform_(-bound, bound)
+        self.bias.uniform_(-bound, bound)
+
+    @property
+    def num_layers(self) -> int:
+        return self.alpha.shape[0]
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.alpha, dim=0) if self.layer_weights == "softmax" else self.alpha
+
+    def forward(self, h) -> torch.Tensor:
+        """h: stacked ``[L, ..., D]`` (any token stride) or a list of L ``[..., D]`` tensors."""
+        w = self.weights()
+        if self.per_layer_linear:
+            return ops.multilevel_merge(h, self.ln_weight, self.ln_bias, self.weight, self.bias, w, self.eps)
+        return F.linear(ops.layernorm_weighted_sum(h, self.ln_weight, self.ln_bias, w, self.eps),
+                        self.weight, self.bias)
+
+    def contribution(self, l: int, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Layer l's term of the sum, for streaming (before the shared Linear when there is one)."""
+        sl = slice(l, l + 1)
+        if self.per_layer_linear:
+            return ops.multilevel_merge([h], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl],
+                                        self.bias[sl], w[sl], self.eps)
+        return ops.layernorm_weighted_sum([h], self.ln_weight[sl], self.ln_bias[sl], w[sl], self.eps)
+
+    def finish(self, acc: torch.Tensor) -> torch.Tensor:
+        return acc if self.per_layer_linear else F.linear(acc, self.weight, self.bias)
+
+
+class DinoMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, out_dim: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x):
+        return ops.fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
+
+
+class COMMVisionTower(nn.Module):
+    HEADS = ("clip_merge", "dino_merge", "dino_mlp", "projector")  # everything but the encoders
+
+    def __init__(self, config: COMMVisionConfig):
+        super().__init__()
+        if config.clip is None or config.dino is None:
+            raise ValueError("config: COMMVisionTower needs the encoder configs (config.clip and config.dino); "
+                             "use COMMVisionTower.from_pretrained(clip_path, dino_path) to read them from checkpoints")
+        self.config = config
+        self.clip = CLIPVisionEncoder(self._encoder_config(config.clip, config.clip_pos_interp))
+        self.dino = DINOv2Encoder(self._encoder_config(config.dino, config.dino_pos_interp))
+        for name, enc, layers in (("clip_layers", self.clip, config.clip_layers),
+                                  ("dino_layers", self.dino, config.dino_layers)):
+            if max(layers) > enc.config.num_layers:
+                raise ValueError(f"{name}: index {max(layers)} past the encoder's {enc.config.num_layers} blocks")
+        dc, dd = self.clip.config.hidden_size, self.dino.config.hidden_size
+        kw = dict(per_layer_linear=config.per_layer_linear, layer_weights=config.layer_weights, eps=config.ln_eps)
+        self.clip_merge = MultiLevelMerge(len(config.clip_layers), dc, dc, **kw)
+        self.dino_merge = MultiLevelMerge(len(config.dino_layers), dd, dd, **kw)
+        self.dino_mlp = DinoMLP(dd, config.mlp_ratio * dc, dc, config.mlp_activation)
+        self.projector = nn.Linear((2 if config.combine == "concat" else 1) * dc, config.out_dim)
+
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Initialise the merge modules, MLP and projector (DESIGN §1: LN identity, α = 1/L, Linear default)."""
+        for name in self.HEADS:
+            for m in getattr(self, name).modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+
+    @staticmethod
+    def _encoder_config(data: dict, pos_interp: str | None) -> ViTConfig:
+        cfg = ViTConfig.from_dict(data)
+        if pos_interp is not None:
+            cfg.pos_interp = pos_interp
+        return cfg
+
+    # -- loading and saving ----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, clip_path, dino_path=None, **config_overrides) -> "COMMVisionTower":
+        """Build from a CLIP and a DINOv2 checkpoint (merge modules freshly initialised), or, with one
+        argument, load a directory written by ``save_pretrained``."""
+        if dino_path is None:
+            return cls._load_saved(clip_path, **config_overrides)
+        clip = CLIPVisionEncoder.from_pretrained(clip_path, pos_interp=config_overrides.get("clip_pos_interp"))
+        dino = DINOv2Encoder.from_pretrained(dino_path, pos_interp=config_overrides.get("dino_pos_interp"))
+        config = COMMVisionConfig.from_dict({}, **config_overrides)
+        config.clip, config.dino = clip.config.to_dict(), dino.config.to_dict()
+        with torch.device("meta"):  # the encoders come loaded; only the merge heads are allocated
+            tower = cls(config)
+        tower.clip, tower.dino = clip, dino
+        for name in cls.HEADS:
+            getattr(tower, name).to_empty(device="cpu")
+        tower.reset_heads()
+        return tower
+
+    @classmethod
+    def _load_saved(cls, directory, **config_overrides) -> "COMMVisionTower":
+        data, sd, source = loading.read_checkpoint(directory)
+        if data is None or data.get("config_type") != CONFIG_TYPE:
+            raise ValueError(f"clip_path: {directory} is not a saved COMMVisionTower (config.json with "
+                             f"config_type {CONFIG_TYPE!r}); to build one from encoder checkpoints pass "
+                             "both clip_path and dino_path")
+        config = COMMVisionConfig.from_dict(data, **config_overrides)
+        with torch.device("meta"):
+            tower = cls(config)
+        tower = tower.to_empty(device="cpu")
+        loading.load_strict(tower, cls.convert_state_dict(sd), source)
+        return tower
+
+    @staticmethod
+    def convert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Accept Hugging Face key names under ``clip.`` / ``dino.``."""
+        out = {k: v for k, v in sd.items() if not k.startswith(("clip.", "dino."))}
+        for prefix, enc in (("clip.", CLIPVisionEncoder), ("dino.", DINOv2Encoder)):
+            sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            out.update({prefix + k: v for k, v in enc.convert_state_dict(sub).items()})
+        return out
+
+    def save_pretrained(self, directory) -> None:
+        """config.json + model.safetensors, written to a temporary directory and renamed into place."""
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        self.config.save(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if os.path.isdir(directory):
+            old = tmp + "-old"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            import shutil
+
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, directory)
+
+    # -- forward ---------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        g = self.config.clip_image_size // self.clip.config.patch_size
+        return g * g
+
+    def _encoders_frozen(self) -> bool:
+        return not any(p.requires_grad for p in (*self.clip.parameters(), *self.dino.parameters()))
+
+    def _merged(self, encoder: ViTEncoder, merge: MultiLevelMerge, pixels, layers) -> torch.Tensor:
+        """Σ_l w_l · LLN_l over the requested layers' patch tokens."""
+        skip = encoder.config.num_prefix_tokens  # CLS (+ registers) are not merged
+        if not torch.is_grad_enabled():
+            # streaming: each layer's term is added as the encoder produces it
+            w = merge.weights()
+            slot = {idx: k for k, idx in enumerate(layers)}
+            acc = None
+            for idx, h in encoder.iter_hidden_states(pixels, layers):
+                term = merge.contribution(slot[idx], h[:, skip:], w)
+                acc = term if acc is None else acc.add_(term)
+            return merge.finish(acc)
+        if self._encoders_frozen() and not pixels.requires_grad:
+            with torch.no_grad():  # frozen encoders keep no autograd graph, only the hidden states
+                hidden = encoder(pixels, layers)
+        else:
+            hidden = encoder(pixels, layers)
+        return merge(hidden[:, :, skip:])  # strided token view of the one buffer, no copy
+
+    def forward(self, clip_pixels: torch.Tensor, dino_pixels: torch.Tensor) -> torch.Tensor:
+        """[B, N, out_dim] visual tokens (N = CLIP's patch grid)."""
+        if clip_pixels.shape[0] != dino_pixels.shape[0]:
+            raise ValueError(f"dino_pixels: batch {dino_pixels.shape[0]} differs from clip_pixels' "
+                             f"{clip_pixels.shape[0]}")
+        cfg = self.config
+        v1 = self._merged(self.clip, self.clip_merge, clip_pixels, cfg.clip_layers)
+        v2 = self._merged(self.dino, self.dino_merge, dino_pixels, cfg.dino_layers)
+        pc, pd = self.clip.config.patch_size, self.dino.config.patch_size
+        clip_grid = (clip_pixels.shape[-2] // pc, clip_pixels.shape[-1] // pc)
+        dino_grid = (dino_pixels.shape[-2] // pd, dino_pixels.shape[-1] // pd)
+        if dino_grid != clip_grid:
+            v2 = ops.resample_tokens(v2, dino_grid, clip_grid, mode=cfg.grid_resample)
+        m = self.dino_mlp(v2)
+        if cfg.combine == "add":
+            return self.projector(v1 + m)
+        # P([v1; m]) = v1·P_aᵀ + m·P_bᵀ + b: both GEMMs accumulate into one output, no concat
+        dc = v1.shape[-1]
+        w = self.projector.weight
+        lead = v1.shape[:-1]
+        out = torch.addmm(self.projector.bias, v1.reshape(-1, dc), w[:, :dc].t())
+        out = out.addmm_(m.reshape(-1, dc), w[:, dc:].t())
+        return out.reshape(*lead, -1)
+
+    def encode(self, images, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Visual tokens straight from uint8 images (joint preprocessing included)."""
+        clip_pixels, dino_pixels = ops.joint_preprocess(images, self.config.clip_image_size,
+                                                        self.config.dino_image_size)
+        param = self.projector.weight
+        dtype = dtype or param.dtype
+        return self(clip_pixels.to(param.device, dtype), dino_pixels.to(param.device, dtype))

@@ -1,0 +1,113 @@
+"""COMMVisionTower against the reference composition on transformers' models; save/load round trip."""
+import pytest
+import torch
+
+from comm_fast import COMMVisionConfig, COMMVisionTower
+from comm_fast.reference import COMMReference
+
+from hf_models import hf_clip, hf_dinov2, hf_dinov2_reg, randomise, rel_err
+
+BASE = dict(clip_layers=(1, 2, 3), dino_layers=(2, 3), out_dim=48, clip_image_size=56, dino_image_size=56)
+
+
+def _build(tmp_path, dino=hf_dinov2, **overrides):
+    clip_hf, dino_hf = hf_clip(), dino()
+    clip_hf.save_pretrained(tmp_path / "clip")
+    dino_hf.save_pretrained(tmp_path / "dino")
+    tower = COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "dino", **{**BASE, **overrides})
+    for name in tower.HEADS:  # random heads, LayerNorms and α included
+        randomise(getattr(tower, name), std=0.2)
+    ref = COMMReference(tower.config, clip_hf, dino_hf).load_merge_weights(tower)
+    return tower.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"combine": "add", "layer_weights": "softmax"},
+    {"per_layer_linear": False, "mlp_activation": "quick_gelu"},
+    {"dino_layers": (0, 3), "clip_layers": (3, 1)},
+])
+@pytest.mark.parametrize("grad", [False, True], ids=["streaming", "buffered"])
+def test_tower_matches_reference(tmp_path, seed, overrides, grad):
+    tower, ref = _build(tmp_path, **overrides)
+    clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
+    with torch.set_grad_enabled(grad):
+        out = tower(clip_px, dino_px)
+        expected = ref(clip_px, dino_px)
+    assert out.shape == (2, 16, 48)
+    assert rel_err(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dino", [hf_dinov2, hf_dinov2_reg])
+def test_tower_resamples_dino_grid_onto_clip_grid(tmp_path, seed, dino):
+    tower, ref = _build(tmp_path, dino=dino, dino_image_size=70, grid_resample="bicubic")
+    clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 70, 70)  # 4x4 vs 5x5 grids
+    with torch.no_grad():
+        assert rel_err(tower(clip_px, dino_px), ref(clip_px, dino_px)) <= 1e-5
+
+
+def test_tower_backward_matches_reference(tmp_path, seed):
+    tower, ref = _build(tmp_path)
+    for p in (*tower.clip.parameters(), *tower.dino.parameters(), *ref.clip_model.parameters(),
+              *ref.dino_model.parameters()):
+        p.requires_grad_(False)  # encoders frozen, as in both training stages
+    clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
+    g = torch.randn(2, 16, 48)
+    (tower(clip_px, dino_px) * g).sum().backward()
+    (ref(clip_px, dino_px) * g).sum().backward()
+    pairs = [(tower.clip_merge.alpha, ref.alpha), (tower.dino_merge.alpha, ref.beta),
+             (tower.projector.weight, ref.projector.weight), (tower.dino_mlp.fc1.weight, ref.dino_mlp[0].weight)]
+    pairs += [(tower.clip_merge.weight.grad[i], lln.linear.weight) for i, lln in enumerate(ref.clip_lln)]
+    pairs += [(tower.dino_merge.ln_weight.grad[i], lln.norm.weight) for i, lln in enumerate(ref.dino_lln)]
+    for ours, theirs in pairs:
+        ours = ours.grad if isinstance(ours, torch.nn.Parameter) else ours
+        assert rel_err(ours, theirs.grad) <= 1e-5
+
+
+def test_state_dict_names_follow_the_contract(tmp_path, seed):
+    tower, _ = _build(tmp_path)
+    keys = set(tower.state_dict())
+    for prefix in ("clip_merge", "dino_merge"):
+        assert {f"{prefix}.{n}" for n in ("ln_weight", "ln_bias", "weight", "bias", "alpha")} <= keys
+    assert tower.clip_merge.weight.shape == (3, 64, 64) and tower.dino_merge.alpha.shape == (2,)
+    assert {"dino_mlp.fc1.weight", "dino_mlp.fc1.bias", "dino_mlp.fc2.weight", "dino_mlp.fc2.bias",
+            "projector.weight", "projector.bias"} <= keys
+    assert all(k.startswith(("clip.", "dino.", "clip_merge.", "dino_merge.", "dino_mlp.", "projector."))
+               for k in keys)
+
+
+def test_save_pretrained_round_trip(tmp_path, seed):
+    tower, _ = _build(tmp_path, layer_weights="softmax")
+    tower.save_pretrained(tmp_path / "tower")
+    tower.save_pretrained(tmp_path / "tower")  # overwriting an existing save works too
+    loaded = COMMVisionTower.from_pretrained(tmp_path / "tower").eval()
+    assert loaded.config == tower.config
+    for k, v in tower.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    px = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(px, px), tower(px, px), rtol=0, atol=0)
+
+
+def test_saved_tower_accepts_hugging_face_encoder_keys(tmp_path, seed):
+    tower, ref = _build(tmp_path)
+    sd = {k: v for k, v in tower.state_dict().items() if not k.startswith(("clip.", "dino."))}
+    sd.update({"clip." + k: v for k, v in ref.clip_model.state_dict().items()})
+    sd.update({"dino." + k: v for k, v in ref.dino_model.state_dict().items()})
+    sd = {k: v for k, v in sd.items() if "position_ids" not in k}
+    converted = COMMVisionTower.convert_state_dict(sd)
+    for k, v in tower.state_dict().items():
+        assert torch.equal(converted[k], v), k
+
+
+def test_config_round_trip_and_validation():
+    cfg = COMMVisionConfig(clip_layers=[1, 5], out_dim=32)
+    assert COMMVisionConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="combine"):
+        COMMVisionConfig(combine="stack")
+    with pytest.raises(ValueError, match="clip_layers"):
+        COMMVisionConfig(clip_layers=[1, 1])
+    with pytest.raises(ValueError, match="unknown COMMVisionConfig fields"):
+        COMMVisionConfig.from_dict({}, clip_layer=(1,))
+    with pytest.raises(ValueError, match="config.clip"):
+        COMMVisionTower(COMMVisionConfig())
