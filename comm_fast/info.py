@@ -59,16 +59,19 @@ def format_info(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m comm_fast.info", description=__doc__)
+def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     data = info()
     print(json.dumps(data, indent=2) if args.json else format_info(data))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import argparse
+
+    _parser = argparse.ArgumentParser(prog="python -m comm_fast.info", description=__doc__)
+    add_arguments(_parser)
+    raise SystemExit(run(_parser.parse_args()))
