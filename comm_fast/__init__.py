@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 # Imported eagerly so that the name `comm_fast.info` is the function, not its module.
-from comm_fast.info import info  # noqa: E402
+from comm_fast._info import info  # noqa: E402
 
 _LAZY = {
     "COMMVisionConfig": ("comm_fast.config", "COMMVisionConfig"),

@@ -12,7 +12,7 @@ COMMANDS = {
     "train": ("comm_fast.training.train", "train COMMForCausalLM (pretrain / finetune)"),
     "make-data": ("comm_fast.data.synthetic", "write a synthetic grounding and captioning set"),
     "generate": ("comm_fast.generate", "answer a prompt about an image"),
-    "info": ("comm_fast.info", "which backend each op uses here, and why"),
+    "info": ("comm_fast._info", "which backend each op uses here, and why"),
 }
 
 

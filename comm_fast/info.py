@@ -1,77 +1,12 @@
-"""``comm_fast.info()`` / ``python -m comm_fast.info``: which backend each op uses here, and why."""
-from __future__ import annotations
+"""``python -m comm_fast.info``: print which backend each op uses here, and why.
 
-import json
-import platform
+Only an entry point: ``comm_fast.info`` is the function (implemented in comm_fast._info).
+"""
+import argparse
 
-import torch
-
-from comm_fast import _backend, _ext
-
-
-def info() -> dict:
-    from comm_fast.models.attention import attention_backend
-    from comm_fast.ops import merge, patch
-
-    ext, ext_reason = _ext.load()
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    ops = {**merge.describe(), **patch.describe()}
-    last = _backend.last_used()
-    for name, entry in ops.items():
-        entry = dict(entry)
-        entry["last_used"] = last.get(name)
-        ops[name] = entry
-    attn, attn_reason = attention_backend()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda_available": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "requested_backend": _backend.requested(None),
-        "triton_interpret": _backend.triton_interpreting(),
-        "extension": {"loaded": ext is not None, "cuda": _ext.has_cuda(), "reason": ext_reason},
-        "attention": {"backend": attn, "reason": attn_reason},
-        "ops": ops,
-    }
-
-
-def format_info(data: dict) -> str:
-    lines = [
-        f"comm_fast on {data['device']} (python {data['python']}, torch {data['torch']}, "
-        f"triton {data['triton'] or 'absent'}, CUDA {'yes' if data['cuda_available'] else 'no'})",
-        f"requested backend: {data['requested_backend']}"
-        + ("  [TRITON_INTERPRET=1]" if data["triton_interpret"] else ""),
-        f"extension: {'loaded' if data['extension']['loaded'] else 'MISSING'}"
-        f"{' with CUDA' if data['extension']['cuda'] else ''} - {data['extension']['reason']}",
-        f"attention: {data['attention']['backend']} - {data['attention']['reason']}",
-        f"{'op':<24}{'cpu':<10}{'cuda':<10}why (cpu | cuda)",
-    ]
-    for name, e in data["ops"].items():
-        lines.append(f"{name:<24}{e['cpu']['backend']:<10}{e['cuda']['backend']:<10}"
-                     f"{e['cpu']['reason']} | {e['cuda']['reason']}")
-        if e.get("last_used"):
-            lines.append(f"{'':<24}last ran: {e['last_used']['backend']} ({e['last_used']['reason']})")
-    return "\n".join(lines)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def run(args) -> int:
-    data = info()
-    print(json.dumps(data, indent=2) if args.json else format_info(data))
-    return 0
-
+from comm_fast._info import add_arguments, run
 
 if __name__ == "__main__":
-    import argparse
-
-    _parser = argparse.ArgumentParser(prog="python -m comm_fast.info", description=__doc__)
-    add_arguments(_parser)
-    raise SystemExit(run(_parser.parse_args()))
+    parser = argparse.ArgumentParser(prog="python -m comm_fast.info", description=__doc__)
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
