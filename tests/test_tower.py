@@ -111,3 +111,13 @@ def test_config_round_trip_and_validation():
         COMMVisionConfig.from_dict({}, clip_layer=(1,))
     with pytest.raises(ValueError, match="config.clip"):
         COMMVisionTower(COMMVisionConfig())
+
+
+def test_bad_tower_inputs(tmp_path, seed):
+    tower, _ = _build(tmp_path)
+    with pytest.raises(ValueError, match="dino_pixels: batch 1 differs from clip_pixels' 2"):
+        tower(torch.randn(2, 3, 56, 56), torch.randn(1, 3, 56, 56))
+    with pytest.raises(ValueError, match="not a saved COMMVisionTower"):
+        COMMVisionTower.from_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="dino_layers: index 7 past the encoder's 3 blocks"):
+        COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "dino", **{**BASE, "dino_layers": (7,)})
