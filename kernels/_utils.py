@@ -1,0 +1,93 @@
+"""Helpers shared by the Triton kernel families: layer tables, dtypes, configs, allocation."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, when the kernels are defined: TRITON_INTERPRET must be set before that (conftest).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float64: tl.float64}
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulation / statistics dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_fp32(dtype: torch.dtype) -> bool:
+    """Feed tl.dot in the accumulation dtype: always for fp32/fp64 inputs, and for 16-bit inputs
+    while interpreting (the interpreter multiplies raw bf16 bit patterns)."""
+    return INTERPRET or dtype in (torch.float32, torch.float64)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs follow torch's TF32 switch so results match torch.matmul's accuracy."""
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def autotune(gpu_configs, cpu_config, key):
+    """Several configs on a GPU; exactly one otherwise (multi-config tuning needs a GPU benchmarker)."""
+    return triton.autotune(configs=gpu_configs if ON_GPU else [cpu_config], key=key)
+
+
+def _empty(shape, dtype, device):
+    """Every buffer a kernel writes is allocated here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def empty(shape, dtype, device):
+    return _empty(shape, dtype, device)
+
+
+def layer_table(layers: list[torch.Tensor]):
+    """(base, table, M2, keep, align): the layers addressed from one base pointer, no stack copy.
+
+    Row m of layer l starts at base + table[l, 0] + (m // M2) * table[l, 1] + (m % M2) * table[l, 2]
+    (int64 table on the layers' device): two row strides cover [B, T, D] with a strided token axis.
+    Leading dims that need more strides are copied (the copies are kept alive in `keep`).
+    align: an element count every row start is a multiple of (for vector loads).
+    """
+    shape = layers[0].shape[:-1]
+    dims = [i for i, n in enumerate(shape) if n != 1]
+
+    def cuts(x):  # positions where neighbouring leading dims do not nest
+        return {j for j in range(1, len(dims)) if x.stride(dims[j - 1]) != x.stride(dims[j]) * shape[dims[j]]}
+
+    cut = set().union(*(cuts(x) for x in layers))
+    if len(cut) > 1:
+        layers, cut = [x.contiguous() for x in layers], set()
+    j = min(cut) if cut else 0
+    outer, inner = dims[:j], dims[j:]
+    m2 = 1
+    for i in inner:
+        m2 *= shape[i]
+    base = layers[0]
+    esize = base.element_size()
+    rows = []
+    for x in layers:
+        delta = x.data_ptr() - base.data_ptr()
+        assert delta % esize == 0, "layers of one dtype are element-aligned"
+        rows.append((delta // esize, x.stride(outer[-1]) if outer else 0, x.stride(inner[-1]) if inner else 0))
+    table = torch.tensor(rows, dtype=torch.int64).to(base.device)
+    vec = max(1, 16 // esize)
+    ok = base.data_ptr() % 16 == 0 and base.shape[-1] % vec == 0 and all(v % vec == 0 for r in rows for v in r)
+    return base, table, max(m2, 1), layers, (vec if ok else 1)
+
+
+@triton.jit
+def layer_rows(tab_ptr, l, r1, r2, ALIGN: tl.constexpr):
+    """Element offsets (from base) of the rows (r1, r2) = (m // M2, m % M2) in layer l."""
+    off = tl.load(tab_ptr + 3 * l) + r1 * tl.load(tab_ptr + 3 * l + 1) + r2 * tl.load(tab_ptr + 3 * l + 2)
+    return tl.multiple_of(off, ALIGN)
