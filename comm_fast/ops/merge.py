@@ -1,60 +1,552 @@
 """Multi-level merge ops: LayerNorm + weighted sum, the one-GEMM merge, the fused MLP.
 
-Reference-speed torch implementations; the Triton kernels (comm_fast.kernels) replace them.
+Each public op validates its inputs, picks a backend, records it (comm_fast.info()) and calls a
+``torch.library`` custom op (namespace ``comm_fast``), so torch.compile(fullgraph=True) traces it
+as one node. The custom ops have kernels for CPU and CUDA tensors; inside, ``backend`` selects
+the Triton kernels (comm_fast.kernels; on CPU only under TRITON_INTERPRET=1) or the torch path,
+which is shaped for speed (the merge is a single matmul over K = L·D, α folded into the
+normalisation) rather than a per-layer composition. Backward passes are custom ops as well.
+
+Custom ops: comm_fast::layernorm_weighted_sum[_backward], comm_fast::multilevel_merge[_backward],
+comm_fast::fused_mlp[_backward].
 """
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from comm_fast import _backend
 
-
-def _layers(h):
-    return list(h.unbind(0)) if isinstance(h, torch.Tensor) else list(h)
+OPS = ("layernorm_weighted_sum", "multilevel_merge", "fused_mlp")
 
 
-def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, backend: str | None = None):
-    """Σ_l alpha_l · LayerNorm(h_l; ln_weight_l, ln_bias_l)."""
-    _backend.requested(backend)
-    _backend.record("layernorm_weighted_sum", "torch", "per-layer composition")
-    out = None
-    for l, x in enumerate(_layers(h)):
-        y = alpha[l] * F.layer_norm(x, (x.shape[-1],), ln_weight[l], ln_bias[l], eps)
-        out = y if out is None else out + y
-    return out
-
-
-def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e-5, backend: str | None = None):
-    """Σ_l alpha_l · (LayerNorm(h_l; ln_weight_l, ln_bias_l) · weight_lᵀ + bias_l)."""
-    _backend.requested(backend)
-    _backend.record("multilevel_merge", "torch", "per-layer composition")
-    out = None
-    for l, x in enumerate(_layers(h)):
-        y = alpha[l] * F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight[l], ln_bias[l], eps), weight[l], bias[l])
-        out = y if out is None else out + y
-    return out
+def _silu_like(x, k):
+    return x * torch.sigmoid(k * x)
 
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "quick_gelu": lambda x: _silu_like(x, 1.702),
 }
 
 
-def fused_mlp(x, w1, b1, w2, b2, activation: str = "gelu", backend: str | None = None):
-    """Linear → activation → Linear."""
-    _backend.requested(backend)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    _backend.record("fused_mlp", "torch", "two F.linear calls")
-    return F.linear(ACTIVATIONS[activation](F.linear(x, w1, b1)), w2, b2)
+# ---------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------
+
+def _triton_importable() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken install is as good as none
+        return False, f"triton does not import ({exc.__class__.__name__}: {exc})"
+    return True, "triton importable"
+
+
+def _triton_installed() -> tuple[bool, str]:  # cheap probe for describe(): no import
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    return True, "triton installed"
+
+
+def _triton_usable(device_type: str, probe) -> tuple[bool, str]:
+    ok, why = probe()
+    if not ok:
+        return False, why
+    if device_type == "cpu" and not _backend.triton_interpreting():
+        return False, "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+    if device_type == "cuda" and _backend.triton_interpreting():
+        return False, "TRITON_INTERPRET=1 is set (the interpreter runs CPU tensors only)"
+    if device_type not in ("cpu", "cuda"):
+        return False, f"no Triton kernels for {device_type} tensors"
+    return True, why
+
+
+def _resolve(op: str, backend: str | None, device_type: str, probe=_triton_importable) -> tuple[str, str]:
+    """(backend that runs, why). Explicit arguments that cannot be honoured raise; the env var falls back."""
+    req = _backend.requested(backend)
+    note = ""
+    if req in ("cpp", "cuda"):
+        if backend is not None:
+            raise ValueError(f"backend: {op} has no {req!r} backend; expected 'auto', 'triton' or 'torch'")
+        note = f"COMM_FAST_BACKEND={req} has no {op} backend, so "
+        req = "auto"
+    if req == "triton":
+        ok, why = _triton_usable(device_type, probe)
+        if ok:
+            return "triton", "requested"
+        if backend is not None:
+            raise RuntimeError(f"backend: 'triton' cannot run {op} on {device_type} tensors here: {why}; "
+                               "use backend='torch' (or 'auto')")
+        _backend.warn_once(f"{op}:triton:{device_type}", f"COMM_FAST_BACKEND=triton: {why}; {op} falls back to auto")
+        note = f"COMM_FAST_BACKEND=triton unusable ({why}), so "
+        req = "auto"
+    if req == "torch":
+        return "torch", note + "requested"
+    if device_type == "cuda":
+        ok, why = _triton_usable("cuda", probe)
+        if ok:
+            return "triton", note + "auto: CUDA tensors, Triton kernels"
+        return "torch", note + f"auto: CUDA tensors but {why}"
+    return "torch", note + "auto: CPU tensors, torch path (one matmul over K = L·D)"
 
 
 def describe() -> dict:
     """For comm_fast.info(): per op, the backend auto picks for CPU and CUDA tensors, and why."""
-    choice = {"cpu": {"backend": "torch", "reason": "per-layer composition"},
-              "cuda": {"backend": "torch", "reason": "per-layer composition"}}
-    return {op: choice for op in ("layernorm_weighted_sum", "multilevel_merge", "fused_mlp")}
+    result = {}
+    for op in OPS:
+        entry = {}
+        for dev in ("cpu", "cuda"):
+            try:
+                name, why = _resolve(op, None, dev, probe=_triton_installed)
+            except (ValueError, RuntimeError) as exc:
+                name, why = "error", str(exc)
+            entry[dev] = {"backend": name, "reason": why}
+        result[op] = entry
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float32, float16, bfloat16 or float64), "
+                        f"got {t.dtype}")
+
+
+def _hidden_states(h) -> tuple[list[Tensor], bool, int, tuple, Tensor]:
+    """(op argument, stacked, L, layer shape, first layer-like tensor) after checking h."""
+    if isinstance(h, Tensor):
+        _check_float("h", h)
+        if h.dim() < 2:
+            raise ValueError(f"h: expected a stacked tensor [L, ..., D] or a list of L tensors [..., D], "
+                             f"got a tensor of shape {list(h.shape)}")
+        if h.shape[0] == 0:
+            raise ValueError("h: expected at least one layer, got a stacked tensor with L = 0")
+        arg, stacked, L, shape = [h], True, h.shape[0], tuple(h.shape[1:])
+    elif isinstance(h, Sequence) and not isinstance(h, (str, bytes)):
+        if len(h) == 0:
+            raise ValueError("h: expected at least one layer, got an empty list")
+        for i, x in enumerate(h):
+            _check_float(f"h[{i}]", x)
+            if x.dim() < 1:
+                raise ValueError(f"h[{i}]: expected a tensor [..., D], got a 0-dim tensor")
+            if x.shape != h[0].shape:
+                raise ValueError(f"h[{i}]: expected shape {list(h[0].shape)} (that of h[0]), got {list(x.shape)}")
+            if x.dtype != h[0].dtype:
+                raise TypeError(f"h[{i}]: expected dtype {h[0].dtype} (that of h[0]), got {x.dtype}")
+            if x.device != h[0].device:
+                raise ValueError(f"h[{i}]: expected device {h[0].device} (that of h[0]), got {x.device}")
+        arg, stacked, L, shape = list(h), False, len(h), tuple(h[0].shape)
+    else:
+        raise TypeError(f"h: expected a tensor [L, ..., D] or a list of tensors [..., D], got {type(h).__name__}")
+    for i, x in enumerate(arg):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            name = "h" if stacked else f"h[{i}]"
+            raise ValueError(f"{name}: the last dimension (D = {x.shape[-1]}) must be contiguous (stride 1), "
+                             f"got stride {x.stride(-1)}; call .contiguous() first")
+    return arg, stacked, L, shape, arg[0]
+
+
+def _check_param(name: str, t, expected: tuple, desc: str, ref: Tensor) -> None:
+    _check_float(name, t)
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name}: expected shape {desc} = {list(expected)}, got {list(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of the input), got {t.device}")
+
+
+def _check_eps(eps) -> float:
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    return float(eps)
+
+
+def _check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {activation!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch paths (CPU, or backend="torch")
+# ---------------------------------------------------------------------------------------------
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _layers(h: list[Tensor], stacked: bool) -> list[Tensor]:
+    return list(h[0].unbind(0)) if stacked else list(h)
+
+
+def _by_row(h: list[Tensor], stacked: bool, dtype: torch.dtype) -> Tensor:
+    """All layers as one [..., L, D] tensor in `dtype` (the torch path's GEMM operand layout)."""
+    x = h[0].movedim(0, -2) if stacked else torch.stack(h, dim=-2)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps):
+    layers = _layers(h, stacked)
+    dt, acc = layers[0].dtype, _acc(layers[0].dtype)
+    D = layers[0].shape[-1]
+    gamma = (alpha[:, None] * ln_weight).to(dt)  # α folded into the affine: one fused LN per layer
+    beta = (alpha[:, None] * ln_bias).to(dt)
+    out = torch.zeros(layers[0].shape, dtype=acc, device=layers[0].device)
+    for l, x in enumerate(layers):  # memory-bound: one LN pass per layer, accumulated in place
+        out.add_(F.layer_norm(x, (D,), gamma[l], beta[l], eps))
+    return out if dt == acc else out.to(dt)
+
+
+def _lnws_torch_backward(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_h):
+    layers = _layers(h, stacked)
+    dt, acc = layers[0].dtype, _acc(layers[0].dtype)
+    shape, D, L = layers[0].shape, layers[0].shape[-1], len(layers)
+    dy = grad.reshape(-1, D).to(acc)
+    a, gamma = alpha.to(acc), ln_weight.to(acc)
+    s1 = torch.empty(L, D, dtype=acc, device=dy.device)
+    dh = torch.empty((L, *shape), dtype=dt, device=dy.device) if need_h else None
+    for l, x in enumerate(layers):
+        x2 = x.reshape(-1, D).to(acc)
+        var, mean = torch.var_mean(x2, -1, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (x2 - mean) * rstd
+        s1[l] = (dy * xhat).sum(0)
+        if need_h:
+            g = dy * (a[l] * gamma[l])
+            dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+            dh[l] = dx.view(shape)
+    s2 = dy.sum(0)
+    return (dh if need_h else grad.new_empty(0), (a[:, None] * s1).to(ln_weight.dtype),
+            (a[:, None] * s2).to(ln_bias.dtype), ((gamma * s1).sum(1) + ln_bias.to(acc) @ s2).to(alpha.dtype))
+
+
+def _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps):
+    dt = h[0].dtype
+    acc, L, N, D = _acc(dt), *weight.shape
+    x = _by_row(h, stacked, acc)  # [..., L, D]
+    M = x.shape[:-2].numel()
+    a = alpha.to(acc)[:, None]
+    # all layers normalised at once into the GEMM's A operand [M, L·D], α folded into the affine
+    A, mean, rstd = torch.native_layer_norm(x, (D,), None, None, eps)
+    A = torch.addcmul((a * ln_bias.to(acc)), A, (a * ln_weight.to(acc)), out=A).to(dt)
+    w_cat = weight.to(dt).permute(1, 0, 2).reshape(N, L * D)
+    bsum = (alpha.to(acc) @ bias.to(acc)).to(dt)
+    out = torch.addmm(bsum, A.reshape(M, L * D), w_cat.t())
+    return (out.view(*x.shape[:-2], N), mean.reshape(M, L).t().contiguous(), rstd.reshape(M, L).t().contiguous())
+
+
+def _merge_torch_backward(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bias, alpha, need_h):
+    dt = h[0].dtype
+    acc, L, N, D = _acc(dt), *weight.shape
+    x = _by_row(h, stacked, acc)
+    lead = x.shape[:-2]
+    M = lead.numel()
+    dy = grad.reshape(M, N).to(acc)
+    a, gamma, beta, w = alpha.to(acc), ln_weight.to(acc), ln_bias.to(acc), weight.to(acc)
+    xhat = (x.reshape(M, L, D) - mean.t()[:, :, None]) * rstd.t()[:, :, None]
+    s = dy.sum(0)
+    g_t = (dy.t() @ xhat.reshape(M, L * D)).view(N, L, D).transpose(0, 1)  # G̃_l = dYᵀ x̂_l, [L, N, D]
+    d_weight = ((g_t * gamma[:, None, :] + s[None, :, None] * beta[:, None, :]) * a[:, None, None])
+    p = (w * g_t).sum(1)
+    q = torch.einsum("n,lnd->ld", s, w)
+    dh = grad.new_empty(0)
+    if need_h:
+        g = (dy @ w.permute(1, 0, 2).reshape(N, L * D)).view(M, L, D) * (a[:, None] * gamma)
+        dx = rstd.t()[:, :, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+        dh = dx.movedim(1, 0).to(dt).reshape(L, *lead, D)
+    return (dh, (a[:, None] * p).to(ln_weight.dtype), (a[:, None] * q).to(ln_bias.dtype),
+            d_weight.to(weight.dtype).contiguous(), (a[:, None] * s).to(bias.dtype),
+            ((gamma * p).sum(1) + (beta * q).sum(1) + bias.to(acc) @ s).to(alpha.dtype))
+
+
+def _act_backward(activation: str, dact: Tensor, pre: Tensor) -> Tensor:
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(dact, pre, approximate="none" if activation == "gelu" else "tanh")
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(dact, pre, 0)
+    s = torch.sigmoid(1.702 * pre)
+    return dact * (s + 1.702 * pre * s * (1 - s))
+
+
+def _mlp_torch(x, w1, b1, w2, b2, activation, save_pre):
+    dt = x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    pre = torch.addmm(b1.to(dt), x2, w1.to(dt).t())
+    out = torch.addmm(b2.to(dt), ACTIVATIONS[activation](pre), w2.to(dt).t())
+    return out.view(*x.shape[:-1], w2.shape[0]), (pre if save_pre else x.new_empty(0))
+
+
+def _mlp_torch_backward(grad, x, pre, w1, w2, activation, need_x):
+    dt, acc = x.dtype, _acc(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    dy = grad.reshape(-1, w2.shape[0]).to(dt)
+    dpre = _act_backward(activation, dy @ w2.to(dt), pre)
+    act = ACTIVATIONS[activation](pre)  # recomputed from the saved pre-activation
+    dx = (dpre @ w1.to(dt)).view(x.shape) if need_x else x.new_empty(0)
+    return (dx, (dpre.t() @ x2).to(w1.dtype), dpre.sum(0, dtype=acc), (dy.t() @ act).to(w2.dtype), dy.sum(0, dtype=acc))
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: one implementation per op, registered for CPU and CUDA tensors; `backend` picks
+# the Triton kernels or the torch path. The Triton modules are imported on first use only.
+# ---------------------------------------------------------------------------------------------
+
+_REASONS: dict[tuple[str, str], str] = {}
+
+
+def _note(op: str, backend: str, why: str) -> None:
+    """Remember why `backend` was chosen; the op records it when it runs (eager or compiled)."""
+    if not torch.compiler.is_compiling():  # the recording lock would break a traced graph
+        _REASONS[(op, backend)] = why
+
+
+def _ran(op: str, backend: str) -> None:
+    _backend.record(op, backend, _REASONS.get((op, backend), "chosen when the compiled graph was traced"))
+
+
+def _register(name: str, impl, fake):
+    op = torch.library.custom_op(f"comm_fast::{name}", impl, mutates_args=(), device_types="cpu")
+    op.register_kernel("cuda")(impl)
+    op.register_fake(fake)
+    return op
+
+
+def _lnws_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, alpha: Tensor, eps: float,
+               backend: str) -> Tensor:
+    _ran("layernorm_weighted_sum", backend)
+    if backend == "triton":
+        from comm_fast.kernels.layernorm_weighted_sum import lnws_forward
+        return lnws_forward(_layers(h, stacked), ln_weight, ln_bias, alpha, eps)
+    return _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps)
+
+
+def _lnws_fake(h, stacked, ln_weight, ln_bias, alpha, eps, backend):
+    return h[0].new_empty(h[0].shape[1:] if stacked else h[0].shape)
+
+
+def _lnws_bwd_impl(grad: Tensor, h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, alpha: Tensor,
+                   eps: float, need_h: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from comm_fast.kernels.layernorm_weighted_sum import lnws_backward
+        dh, dw, db, da = lnws_backward(grad, _layers(h, stacked), ln_weight, ln_bias, alpha, eps, need_h)
+        return (dh if need_h else grad.new_empty(0)), dw, db, da
+    return _lnws_torch_backward(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_h)
+
+
+def _lnws_bwd_fake(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_h, backend):
+    L = h[0].shape[0] if stacked else len(h)
+    shape = h[0].shape[1:] if stacked else h[0].shape
+    dh = h[0].new_empty((L, *shape)) if need_h else grad.new_empty(0)
+    return dh, torch.empty_like(ln_weight), torch.empty_like(ln_bias), torch.empty_like(alpha)
+
+
+_lnws_op = _register("layernorm_weighted_sum", _lnws_impl, _lnws_fake)
+_lnws_bwd_op = _register("layernorm_weighted_sum_backward", _lnws_bwd_impl, _lnws_bwd_fake)
+
+
+def _h_grads(dh: Tensor, h, stacked: bool, need_h: bool):
+    if not need_h:
+        return [None] * len(h)  # the structure must mirror the Tensor[] input
+    return [dh.view(h[0].shape)] if stacked else list(dh.unbind(0))
+
+
+def _lnws_setup(ctx, inputs, output):
+    h, stacked, ln_weight, ln_bias, alpha, eps, backend = inputs
+    ctx.save_for_backward(ln_weight, ln_bias, alpha, *h)
+    ctx.stacked, ctx.eps, ctx.backend = stacked, eps, backend
+    ctx.need_h = any(x.requires_grad for x in h)
+
+
+def _lnws_autograd(ctx, grad):
+    ln_weight, ln_bias, alpha, *h = ctx.saved_tensors
+    dh, dw, db, da = _lnws_bwd_op(grad, h, ctx.stacked, ln_weight, ln_bias, alpha, ctx.eps, ctx.need_h, ctx.backend)
+    return _h_grads(dh, h, ctx.stacked, ctx.need_h), None, dw, db, da, None, None
+
+
+_lnws_op.register_autograd(_lnws_autograd, setup_context=_lnws_setup)
+
+
+def _merge_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
+                alpha: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _ran("multilevel_merge", backend)
+    if backend == "triton":
+        from comm_fast.kernels.multilevel_merge import merge_forward
+        return merge_forward(_layers(h, stacked), ln_weight, ln_bias, weight, bias, alpha, eps)
+    return _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps)
+
+
+def _merge_fake(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, backend):
+    shape = h[0].shape[1:] if stacked else h[0].shape
+    L, N, D = weight.shape
+    M = shape[:-1].numel()
+    acc = _acc(h[0].dtype)
+    return (h[0].new_empty((*shape[:-1], N)), h[0].new_empty((L, M), dtype=acc), h[0].new_empty((L, M), dtype=acc))
+
+
+def _merge_bwd_impl(grad: Tensor, h: list[Tensor], stacked: bool, mean: Tensor, rstd: Tensor, ln_weight: Tensor,
+                    ln_bias: Tensor, weight: Tensor, bias: Tensor, alpha: Tensor, need_h: bool,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from comm_fast.kernels.multilevel_merge import merge_backward
+        dh, *rest = merge_backward(grad, _layers(h, stacked), mean, rstd, ln_weight, ln_bias, weight, bias, alpha,
+                                   need_h)
+        return (dh if need_h else grad.new_empty(0), *rest)
+    return _merge_torch_backward(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bias, alpha, need_h)
+
+
+def _merge_bwd_fake(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bias, alpha, need_h, backend):
+    L = weight.shape[0]
+    shape = h[0].shape[1:] if stacked else h[0].shape
+    dh = h[0].new_empty((L, *shape)) if need_h else grad.new_empty(0)
+    return (dh, *(torch.empty_like(t) for t in (ln_weight, ln_bias, weight, bias, alpha)))
+
+
+_merge_op = _register("multilevel_merge", _merge_impl, _merge_fake)
+_merge_bwd_op = _register("multilevel_merge_backward", _merge_bwd_impl, _merge_bwd_fake)
+
+
+def _merge_setup(ctx, inputs, output):
+    h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(mean, rstd, ln_weight, ln_bias, weight, bias, alpha, *h)  # inputs + stats only
+    ctx.stacked, ctx.backend = stacked, backend
+    ctx.need_h = any(x.requires_grad for x in h)
+
+
+def _merge_autograd(ctx, grad, _grad_mean, _grad_rstd):
+    mean, rstd, ln_weight, ln_bias, weight, bias, alpha, *h = ctx.saved_tensors
+    dh, dlw, dlb, dw, db, da = _merge_bwd_op(grad, h, ctx.stacked, mean, rstd, ln_weight, ln_bias, weight, bias,
+                                             alpha, ctx.need_h, ctx.backend)
+    return _h_grads(dh, h, ctx.stacked, ctx.need_h), None, dlw, dlb, dw, db, da, None, None
+
+
+_merge_op.register_autograd(_merge_autograd, setup_context=_merge_setup)
+
+
+def _mlp_impl(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, save_pre: bool,
+              backend: str) -> tuple[Tensor, Tensor]:
+    _ran("fused_mlp", backend)
+    if backend == "triton":
+        from comm_fast.kernels.fused_mlp import mlp_forward
+        out, pre = mlp_forward(x, w1, b1, w2, b2, activation, save_pre)
+        return out, (pre if save_pre else x.new_empty(0))
+    return _mlp_torch(x, w1, b1, w2, b2, activation, save_pre)
+
+
+def _mlp_fake(x, w1, b1, w2, b2, activation, save_pre, backend):
+    M = x.shape[:-1].numel()
+    return x.new_empty((*x.shape[:-1], w2.shape[0])), (x.new_empty((M, w1.shape[0])) if save_pre else x.new_empty(0))
+
+
+def _mlp_bwd_impl(grad: Tensor, x: Tensor, pre: Tensor, w1: Tensor, w2: Tensor, activation: str, need_x: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from comm_fast.kernels.fused_mlp import mlp_backward
+        dx, *rest = mlp_backward(grad, x, pre, w1, w2, activation, need_x)
+        return (dx if need_x else x.new_empty(0), *rest)
+    return _mlp_torch_backward(grad, x, pre, w1, w2, activation, need_x)
+
+
+def _mlp_bwd_fake(grad, x, pre, w1, w2, activation, need_x, backend):
+    acc = _acc(x.dtype)
+    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(w1),
+            w1.new_empty(w1.shape[0], dtype=acc), torch.empty_like(w2), w2.new_empty(w2.shape[0], dtype=acc))
+
+
+_mlp_op = _register("fused_mlp", _mlp_impl, _mlp_fake)
+_mlp_bwd_op = _register("fused_mlp_backward", _mlp_bwd_impl, _mlp_bwd_fake)
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, activation, save_pre, backend = inputs
+    _, pre = output
+    ctx.mark_non_differentiable(pre)
+    ctx.save_for_backward(x, pre, w1, w2)  # the pre-activation, never the activated hidden tensor
+    ctx.activation, ctx.backend, ctx.need_x = activation, backend, x.requires_grad
+    ctx.bias_dtypes = (b1.dtype, b2.dtype)
+
+
+def _mlp_autograd(ctx, grad, _grad_pre):
+    x, pre, w1, w2 = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = _mlp_bwd_op(grad, x, pre, w1, w2, ctx.activation, ctx.need_x, ctx.backend)
+    return ((dx if ctx.need_x else None), dw1, db1.to(ctx.bias_dtypes[0]), dw2, db2.to(ctx.bias_dtypes[1]),
+            None, None, None)
+
+
+_mlp_op.register_autograd(_mlp_autograd, setup_context=_mlp_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops
+# ---------------------------------------------------------------------------------------------
+
+def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, backend: str | None = None):
+    """Σ_l alpha_l · LayerNorm(h_l; ln_weight_l, ln_bias_l).
+
+    h: stacked [L, ..., D] (any strides but the last, e.g. h[:, :, 1:] to drop CLS) or a list of L
+    tensors [..., D] (not stacked: the kernels read them in place). ln_weight, ln_bias: [L, D];
+    alpha: [L] (raw weights: apply a softmax before the call if wanted). Returns [..., D] in h's dtype.
+    """
+    arg, stacked, L, shape, ref = _hidden_states(h)
+    D = shape[-1]
+    _check_param("ln_weight", ln_weight, (L, D), "[L, D]", ref)
+    _check_param("ln_bias", ln_bias, (L, D), "[L, D]", ref)
+    _check_param("alpha", alpha, (L,), "[L]", ref)
+    eps = _check_eps(eps)
+    name, why = _resolve("layernorm_weighted_sum", backend, ref.device.type)
+    _note("layernorm_weighted_sum", name, why)
+    return _lnws_op(arg, stacked, ln_weight, ln_bias, alpha, eps, name)
+
+
+def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e-5, backend: str | None = None):
+    """Σ_l alpha_l · (LayerNorm(h_l; ln_weight_l, ln_bias_l) · weight_lᵀ + bias_l).
+
+    h as for layernorm_weighted_sum; weight: [L, D_out, D]; bias: [L, D_out]. Returns [..., D_out].
+    """
+    arg, stacked, L, shape, ref = _hidden_states(h)
+    D = shape[-1]
+    _check_param("ln_weight", ln_weight, (L, D), "[L, D]", ref)
+    _check_param("ln_bias", ln_bias, (L, D), "[L, D]", ref)
+    _check_float("weight", weight)
+    if weight.dim() != 3:
+        raise ValueError(f"weight: expected shape [L, D_out, D] = [{L}, D_out, {D}], got {list(weight.shape)}")
+    _check_param("weight", weight, (L, weight.shape[1], D), "[L, D_out, D]", ref)
+    _check_param("bias", bias, (L, weight.shape[1]), "[L, D_out]", ref)
+    _check_param("alpha", alpha, (L,), "[L]", ref)
+    eps = _check_eps(eps)
+    name, why = _resolve("multilevel_merge", backend, ref.device.type)
+    _note("multilevel_merge", name, why)
+    return _merge_op(arg, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, name)[0]
+
+
+def fused_mlp(x, w1, b1, w2, b2, activation: str = "gelu", backend: str | None = None):
+    """Linear(w1, b1) → activation → Linear(w2, b2); x [..., D1], w1 [H, D1], w2 [D2, H] → [..., D2]."""
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor [..., D], got a 0-dim tensor")
+    _check_activation(activation)
+    _check_float("w1", w1)
+    if w1.dim() != 2:
+        raise ValueError(f"w1: expected shape [H, D1] = [H, {x.shape[-1]}], got {list(w1.shape)}")
+    H = w1.shape[0]
+    _check_param("w1", w1, (H, x.shape[-1]), "[H, D1]", x)
+    _check_param("b1", b1, (H,), "[H]", x)
+    _check_float("w2", w2)
+    if w2.dim() != 2:
+        raise ValueError(f"w2: expected shape [D2, H] = [D2, {H}], got {list(w2.shape)}")
+    _check_param("w2", w2, (w2.shape[0], H), "[D2, H]", x)
+    _check_param("b2", b2, (w2.shape[0],), "[D2]", x)
+    name, why = _resolve("fused_mlp", backend, x.device.type)
+    _note("fused_mlp", name, why)
+    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
+    return _mlp_op(x, w1, b1, w2, b2, activation, save_pre, name)[0]
