@@ -52,6 +52,41 @@ def resample_tokens(tokens: torch.Tensor, src_hw, dst_hw, mode: str = "bilinear"
     return x.permute(0, 2, 3, 1).reshape(b, -1, c)
 
 
+def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf", num_prefix_tokens: int = 1):
+    """Each source's own F.interpolate call on a [1, P + H*W, D] position embedding (DESIGN §1)."""
+    if tuple(src_hw) == tuple(dst_hw):
+        return pos
+    d = pos.shape[-1]
+    grid = pos[:, num_prefix_tokens:].reshape(1, *src_hw, d).permute(0, 3, 1, 2).float()
+    if mode == "dinov2_offset":  # original DINOv2: the scale factor drives the coordinate mapping
+        scale = ((dst_hw[0] + 0.1) / src_hw[0], (dst_hw[1] + 0.1) / src_hw[1])
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+    else:
+        grid = F.interpolate(grid, size=tuple(dst_hw), mode="bicubic", align_corners=False,
+                             antialias=(mode == "antialias"))
+    grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, -1, d)
+    return torch.cat([pos[:, :num_prefix_tokens], grid], dim=1)
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def preprocess_image(image: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """One uint8 HxWx3 image → [3, size, size]: shortest side to ``size`` (antialiased bicubic),
+    center crop, rescale to [0, 1], normalise. The torch composition a user would write."""
+    h, w = image.shape[:2]
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(size * long / short)
+    new_hw = (size, new_long) if h <= w else (new_long, size)
+    x = image.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=new_hw, mode="bicubic", align_corners=False, antialias=True)
+    x = x.round().clamp(0, 255)  # image processors resize in uint8
+    top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+    x = x[0, :, top:top + size, left:left + size] / 255.0
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
 class LLN(nn.Module):
     """LayerNorm, then a Linear."""
 

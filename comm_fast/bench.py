@@ -1,0 +1,477 @@
+"""``comm-fast bench``: every op and the whole tower, fused vs eager reference vs torch.compile.
+
+All figures come from one process, side by side: medians after warm-up (CUDA events on GPU),
+inputs rotated through more memory than the caches hold, peak memory of each variant, and the
+percentage of a roofline built from this machine's measured copy bandwidth and GEMM rate.
+A row whose fused path did not run its fast backend says so in ``backend`` and ``note``.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from comm_fast import _backend, reference
+
+# ----------------------------------------------------------------------------------- presets
+PRESETS = {
+    # CPU, fp32, sized for 2 cores and a few minutes: one 336px image for the merges
+    "cpu-small": dict(dtype=torch.float32, clip_l=24, dino_l=6, d=1024, tokens=576, batch=1, mlp_hidden=4096,
+                      resample_batch=8, images=32, tower_batch=2, tower_dim=256, tower_heads=4, reps=5),
+    # the real sizes of the paper's model: CLIP ViT-L/14 at 336, batch 32, bf16
+    "h200": dict(dtype=torch.bfloat16, clip_l=24, dino_l=6, d=1024, tokens=576, batch=32, mlp_hidden=4096,
+                 resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, reps=20),
+}
+SUBJECTS = ("layernorm_weighted_sum", "multilevel_merge", "multilevel_merge_fwd_bwd", "fused_mlp",
+            "resample_tokens", "interpolate_pos_embed", "joint_preprocess", "tower")
+
+
+# ------------------------------------------------------------------------------ measurement
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable, device, reps: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in milliseconds after warm-up."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> int | None:
+    """glibc's bytes in use (arena + mmapped chunks): where torch's CPU tensors live."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class _SampleHeap(torch.utils._python_dispatch.TorchDispatchMode):
+    """Samples the heap after every op, while its outputs and inputs are alive: the peak of a CPU call."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _heap_in_use() or 0)
+        return out
+
+
+def peak_memory_mb(fn: Callable, device) -> float | None:
+    """Extra memory at the peak of one ``fn()`` call over what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _heap_in_use()
+    if base is None:
+        return None
+    with _SampleHeap() as mode:
+        fn()
+    return max(0, mode.peak - base) / 2**20
+
+
+def copy_bandwidth_gbs(device, nbytes: int) -> float:
+    """Measured copy bandwidth (bytes read + written per second)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, reps=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def gemm_tflops(device, dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, reps=10)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+@dataclasses.dataclass
+class Case:
+    """One subject: the fused call, its eager reference, and what torch.compile is applied to."""
+    name: str
+    shape: str
+    fused: Callable
+    ref: Callable
+    compile_target: Callable | None   # a function of no arguments' inputs, compiled then timed
+    compile_args: tuple = ()
+    bytes: int = 0
+    flops: int = 0
+    ref_name: str = "eager reference (comm_fast.reference)"
+    extra: dict = dataclasses.field(default_factory=dict)   # more baselines: name -> callable
+    op: str | None = None            # the comm_fast op whose backend is recorded
+    compile_on_cpu: bool = True      # False where inductor's CPU compile alone outlasts the preset's budget
+
+
+# ----------------------------------------------------------------------------------- cases
+def _rotating(make: Callable[[], tuple], per_copy_bytes: int, cache_bytes: int) -> Callable[[], tuple]:
+    """Cycle through enough copies of the inputs that each call reads from memory, not cache."""
+    copies = max(1, min(8, math.ceil(2 * cache_bytes / max(per_copy_bytes, 1))))
+    sets = [make() for _ in range(copies)]
+    state = {"i": 0}
+
+    def next_inputs():
+        state["i"] = (state["i"] + 1) % copies
+        return sets[state["i"]]
+
+    return next_inputs
+
+
+def _merge_inputs(p, device, layers, grad=False):
+    dt, d, m = p["dtype"], p["d"], p["tokens"] * p["batch"]
+    h = torch.randn(layers, m, d, device=device, dtype=dt)
+    params = [torch.ones(layers, d), torch.zeros(layers, d), torch.randn(layers, d, d) / math.sqrt(d),
+              torch.zeros(layers, d), torch.full((layers,), 1.0 / layers)]
+    params = [t.to(device, dt).requires_grad_(grad) for t in params]
+    return h, params
+
+
+def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> list[Case]:
+    from comm_fast import ops
+
+    dt, es = p["dtype"], torch.finfo(p["dtype"]).bits // 8
+    L, Ld, D, M = p["clip_l"], p["dino_l"], p["d"], p["tokens"] * p["batch"]
+    cases = []
+    if "layernorm_weighted_sum" in subjects:
+        h, (lw, lb, _, _, a) = _merge_inputs(p, device, L)
+        nxt = _rotating(lambda: torch.randn_like(h), h.numel() * es, cache_bytes)
+        cases.append(Case("layernorm_weighted_sum", f"L={L} M={M} D={D}",
+                          lambda: ops.layernorm_weighted_sum(nxt(), lw, lb, a),
+                          lambda: reference.layernorm_weighted_sum(nxt().unbind(0), lw, lb, a),
+                          reference.layernorm_weighted_sum, (list(h.unbind(0)), lw, lb, a),
+                          bytes=(L + 1) * M * D * es, op="layernorm_weighted_sum"))
+    if "multilevel_merge" in subjects:
+        h, (lw, lb, w, b, a) = _merge_inputs(p, device, L)
+        cases.append(Case("multilevel_merge", f"L={L} M={M} D={D}",
+                          lambda: ops.multilevel_merge(h, lw, lb, w, b, a),
+                          lambda: reference.multilevel_merge(h.unbind(0), lw, lb, w, b, a),
+                          reference.multilevel_merge, (list(h.unbind(0)), lw, lb, w, b, a),
+                          bytes=(L * M * D + L * D * D + M * D) * es, flops=2 * M * L * D * D,
+                          op="multilevel_merge"))
+    if "multilevel_merge_fwd_bwd" in subjects:
+        h, params = _merge_inputs(p, device, L, grad=True)
+        g = torch.randn(M, D, device=device, dtype=dt)
+
+        def step(fn, hs):
+            fn(hs, *params).backward(g)
+            for t in params:
+                t.grad = None
+
+        cases.append(Case("multilevel_merge_fwd_bwd", f"L={L} M={M} D={D} (h frozen)",
+                          lambda: step(ops.multilevel_merge, h),
+                          lambda: step(reference.multilevel_merge, h.unbind(0)),
+                          lambda hs: reference.multilevel_merge(hs, *params).backward(g), (list(h.unbind(0)),),
+                          bytes=(2 * L * M * D + 3 * L * D * D + 2 * M * D) * es, flops=2 * 2 * M * L * D * D,
+                          op="multilevel_merge"))
+    if "fused_mlp" in subjects:
+        H = p["mlp_hidden"]
+        x = torch.randn(M, D, device=device, dtype=dt)
+        w1, b1 = torch.randn(H, D, device=device, dtype=dt) / math.sqrt(D), torch.zeros(H, device=device, dtype=dt)
+        w2, b2 = torch.randn(D, H, device=device, dtype=dt) / math.sqrt(H), torch.zeros(D, device=device, dtype=dt)
+        cases.append(Case("fused_mlp", f"M={M} {D}->{H}->{D} gelu",
+                          lambda: ops.fused_mlp(x, w1, b1, w2, b2, "gelu"),
+                          lambda: reference.mlp(x, w1, b1, w2, b2, "gelu"),
+                          reference.mlp, (x, w1, b1, w2, b2, "gelu"),
+                          bytes=(2 * M * D + 2 * D * H) * es, flops=2 * 2 * M * D * H, op="fused_mlp"))
+    if "resample_tokens" in subjects:
+        B = p["resample_batch"]
+        t = torch.randn(B, 37 * 37, D, device=device, dtype=dt)
+        nxt = _rotating(lambda: torch.randn_like(t), t.numel() * es, cache_bytes)
+        cases.append(Case("resample_tokens", f"B={B} 37x37->24x24 C={D} bilinear",
+                          lambda: ops.resample_tokens(nxt(), (37, 37), (24, 24)),
+                          lambda: reference.resample_tokens(nxt(), (37, 37), (24, 24)),
+                          reference.resample_tokens, (t, (37, 37), (24, 24)),
+                          ref_name="F.interpolate + permute + contiguous",
+                          bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens"))
+    if "interpolate_pos_embed" in subjects:
+        pos = torch.randn(1, 1 + 37 * 37, D, device=device, dtype=dt)
+        cases.append(Case("interpolate_pos_embed", f"37x37->24x24 D={D} dinov2_offset",
+                          lambda: ops.interpolate_pos_embed(pos, (37, 37), (24, 24), "dinov2_offset"),
+                          lambda: reference.interpolate_pos_embed(pos, (37, 37), (24, 24), "dinov2_offset"),
+                          reference.interpolate_pos_embed, (pos, (37, 37), (24, 24), "dinov2_offset"),
+                          ref_name="F.interpolate(scale_factor) composition",
+                          bytes=(1 + 37 * 37 + 1 + 24 * 24) * D * es, op="interpolate_pos_embed"))
+    if "joint_preprocess" in subjects:
+        cases.append(_preprocess_case(p, device))
+    if "tower" in subjects:
+        cases.append(_tower_case(p, device))
+    return cases
+
+
+def _preprocess_case(p, device) -> Case:
+    from comm_fast import ops
+
+    gen = torch.Generator().manual_seed(0)
+    n = p["images"]
+    images = [torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8, generator=gen) for _ in range(n)]
+    dev_images = [im.to(device) for im in images]
+    arrays = [im.numpy() for im in images]
+
+    def processors():
+        from transformers import BitImageProcessorPil, CLIPImageProcessorPil
+
+        kw = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True)
+        clip = CLIPImageProcessorPil(**kw)
+        dino = BitImageProcessorPil(**kw, image_mean=list(reference.DINO_MEAN), image_std=list(reference.DINO_STD),
+                                    do_convert_rgb=False)
+        return lambda: (clip(arrays, return_tensors="pt"), dino(arrays, return_tensors="pt"))
+
+    def torch_composition():
+        return [(reference.preprocess_image(im, 336, reference.CLIP_MEAN, reference.CLIP_STD),
+                 reference.preprocess_image(im, 336, reference.DINO_MEAN, reference.DINO_STD)) for im in dev_images]
+
+    try:
+        ref = processors()
+        ref_name = "transformers CLIPImageProcessorPil + BitImageProcessorPil"
+    except Exception as exc:  # an older transformers without the PIL processors
+        ref, ref_name = torch_composition, f"torch composition (processors unavailable: {type(exc).__name__})"
+    return Case("joint_preprocess", f"{n} x 640x480 uint8 -> 2 x 336", lambda: ops.joint_preprocess(dev_images),
+                ref, None, ref_name=ref_name, extra={"torch_composition": torch_composition},
+                bytes=n * (480 * 640 * 3 + 2 * 3 * 336 * 336 * 4), op="joint_preprocess")
+
+
+def _tower_case(p, device) -> Case:
+    """The tower under no_grad (streaming merge) against the composition a user would write from
+    transformers' models: output_hidden_states=True plus per-layer LayerNorm + Linear modules."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+    from comm_fast import COMMVisionConfig, COMMVisionTower
+    from comm_fast.models import CLIPVisionEncoder, DINOv2Encoder
+
+    d, heads, B = p["tower_dim"], p["tower_heads"], p["tower_batch"]
+    common = dict(hidden_size=d, num_hidden_layers=24, num_attention_heads=heads, patch_size=14)
+    clip_hf = CLIPVisionModel(CLIPVisionConfig(**common, intermediate_size=4 * d, image_size=336))
+    dino_hf = Dinov2Model(Dinov2Config(**common, image_size=518))
+    clip_hf.config._attn_implementation = dino_hf.config._attn_implementation = "sdpa"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_hf.save_pretrained(os.path.join(tmp, "clip"))
+        dino_hf.save_pretrained(os.path.join(tmp, "dino"))
+        tower = COMMVisionTower.from_pretrained(os.path.join(tmp, "clip"), os.path.join(tmp, "dino"),
+                                                out_dim=2 * d)
+    from comm_fast.reference import COMMReference
+
+    ref_model = COMMReference(tower.config, clip_hf, dino_hf).load_merge_weights(tower)
+    tower = tower.to(device, p["dtype"]).eval()
+    ref_model = ref_model.to(device, p["dtype"]).eval()
+    px = torch.randn(B, 3, 336, 336, device=device, dtype=p["dtype"])
+
+    def fused():
+        with torch.no_grad():
+            return tower(px, px)
+
+    def ref():
+        with torch.no_grad():
+            return ref_model(px, px)
+
+    n_params = sum(t.numel() for t in tower.parameters())
+    tokens = B * 577
+    flops = 2 * n_params * tokens  # weights touched once per token, attention left out
+    return Case("tower", f"B={B} 336px, 2 x 24 blocks of width {d}, inference", fused, ref, ref_model,
+                compile_args=(px, px), compile_on_cpu=False,
+                ref_name="transformers encoders + per-layer nn.LayerNorm/nn.Linear",
+                flops=flops, bytes=n_params * torch.finfo(p["dtype"]).bits // 8, op="multilevel_merge")
+
+
+# ------------------------------------------------------------------------------------ runner
+def run_benchmarks(preset: str = "cpu-small", subjects=SUBJECTS, compile_ref: bool = True,
+                   progress: bool = True) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and preset == "cpu-small":
+        preset = "h200"  # on a GPU the real shapes are the point
+    p = PRESETS[preset]
+    unknown = set(subjects) - set(SUBJECTS)
+    if unknown:
+        raise ValueError(f"ops: unknown subjects {sorted(unknown)}; choose from {SUBJECTS}")
+    cache = 64 * 2**20 if device.type == "cpu" else 128 * 2**20
+    bw = copy_bandwidth_gbs(device, 256 * 2**20 if device.type == "cpu" else 2 * 2**30)
+    tf = gemm_tflops(device, p["dtype"], 1024 if device.type == "cpu" else 8192)
+    machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
+               "threads": torch.get_num_threads(), "copy_gbs": round(bw, 1),
+               f"gemm_tflops_{str(p['dtype']).split('.')[-1]}": round(tf, 3), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "preset": preset}
+    cases = build_cases(p, device, subjects, cache)
+    rows = []
+    bar = _progress(cases, progress)
+    for case in bar:
+        if hasattr(bar, "set_description"):
+            bar.set_description(case.name)
+        rows.append(_measure(case, p, device, bw, tf, compile_ref))
+    return {"machine": machine, "rows": rows}
+
+
+def _progress(items, enabled):
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, file=sys.stderr, leave=False)
+
+
+def _measure(case: Case, p, device, bw_gbs, tflops, compile_ref) -> dict:
+    reps = p["reps"]
+    before = _backend.last_used().get(case.op, {})
+    ms = time_ms(case.fused, device, reps)
+    used = _backend.last_used().get(case.op, before) if case.op else {}
+    ref_ms = time_ms(case.ref, device, max(3, reps // 2) if case.name in ("tower", "joint_preprocess") else reps)
+    compile_ms, note = None, []
+    if case.compile_target is not None and device.type == "cpu" and not case.compile_on_cpu:
+        note.append("torch.compile baseline skipped on CPU (its compile time alone exceeds the preset's budget)")
+    elif case.compile_target is not None and compile_ref:
+        try:
+            compiled = torch.compile(case.compile_target)
+            with torch.no_grad() if isinstance(case.compile_target, torch.nn.Module) else _nullcontext():
+                compile_ms = time_ms(lambda: compiled(*case.compile_args), device, reps)
+        except Exception as exc:  # no compiler on this machine, or an inductor failure
+            note.append(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    elif case.compile_target is None:
+        note.append("no torch.compile baseline for this subject")
+    else:
+        note.append("torch.compile skipped (--no-compile)")
+    extra = {name: round(time_ms(fn, device, max(3, reps // 2)), 3) for name, fn in case.extra.items()}
+    backend = used.get("backend", "?")
+    if backend == "torch" and case.op not in (None,) and device.type == "cuda":
+        note.append("fused op fell back to torch")
+    if _backend.triton_interpreting():
+        note.append("TRITON_INTERPRET=1: interpreted times are not fused times")
+    roof_ms = max(case.bytes / (bw_gbs * 1e9), case.flops / (tflops * 1e12)) * 1e3
+    row = {
+        "name": case.name, "shape": case.shape, "dtype": str(p["dtype"]).split(".")[-1], "device": device.type,
+        "backend": backend, "backend_reason": used.get("reason"), "ms": round(ms, 4), "ref_ms": round(ref_ms, 4),
+        "ref_name": case.ref_name, "compile_ms": None if compile_ms is None else round(compile_ms, 4),
+        "speedup_vs_ref": round(ref_ms / ms, 3),
+        "speedup_vs_compile": None if compile_ms is None else round(compile_ms / ms, 3),
+        "pct_of_roofline": round(100 * roof_ms / ms, 1) if roof_ms > 0 else None,
+        "bound": "compute" if case.flops / (tflops * 1e12) > case.bytes / (bw_gbs * 1e9) else "memory",
+        "bytes": case.bytes, "flops": case.flops,
+        "peak_mem_mb": _round(peak_memory_mb(case.fused, device)),
+        "ref_peak_mem_mb": _round(peak_memory_mb(case.ref, device)),
+        "extra_ms": extra, "note": "; ".join(note),
+    }
+    for name, value in extra.items():
+        row[f"speedup_vs_{name}"] = round(value / ms, 3)
+    return row
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _round(x):
+    return None if x is None else round(x, 1)
+
+
+# ----------------------------------------------------------------------------------- output
+def format_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"comm_fast bench - {m['device']} ({m['threads']} threads), preset {m['preset']}, {m['date']}, "
+             f"copy {m['copy_gbs']} GB/s, GEMM {[v for k, v in m.items() if k.startswith('gemm')][0]} TFLOP/s",
+             f"{'subject':<26}{'backend':<9}{'fused ms':>10}{'ref ms':>10}{'compile':>10}{'x ref':>8}"
+             f"{'x comp':>8}{'%roof':>7}{'mem MB':>9}{'ref MB':>9}  shape"]
+    for r in result["rows"]:
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        lines.append(f"{r['name']:<26}{r['backend']:<9}{r['ms']:>10.3f}{r['ref_ms']:>10.3f}"
+                     f"{fmt(r['compile_ms'], '10.3f'):>10}{r['speedup_vs_ref']:>8.2f}"
+                     f"{fmt(r['speedup_vs_compile'], '8.2f'):>8}{fmt(r['pct_of_roofline'], '7.1f'):>7}"
+                     f"{fmt(r['peak_mem_mb'], '9.1f'):>9}{fmt(r['ref_peak_mem_mb'], '9.1f'):>9}  {r['shape']}")
+        for name, ms in r["extra_ms"].items():
+            lines.append(f"{'':<26}vs {name}: {ms:.3f} ms -> {r['speedup_vs_' + name]:.2f}x")
+        if r["note"]:
+            lines.append(f"{'':<26}note: {r['note']}")
+    return "\n".join(lines)
+
+
+def plot_speedups(result: dict, path: str) -> None:
+    """A PNG bar chart of the speedups over the reference (and torch.compile), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    rows = result["rows"]
+    width, bar_h, left = 900, 22, 230
+    height = 60 + len(rows) * (2 * bar_h + 12)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 10), f"comm_fast speedups - {result['machine']['device']} ({result['machine']['date']})", fill="black")
+    top = max([r["speedup_vs_ref"] for r in rows] + [r["speedup_vs_compile"] or 0 for r in rows] + [1.0])
+    scale = (width - left - 80) / top
+    one_x = left + scale
+    y = 40
+    for r in rows:
+        draw.text((10, y + 4), r["name"], fill="black")
+        for value, color, label in ((r["speedup_vs_ref"], (52, 101, 164), "vs eager"),
+                                    (r["speedup_vs_compile"], (245, 121, 0), "vs compile")):
+            if value is not None:
+                draw.rectangle([left, y, left + value * scale, y + bar_h - 4], fill=color)
+                draw.text((left + value * scale + 4, y + 2), f"{value:.2f}x {label}", fill="black")
+            y += bar_h
+        y += 12
+    draw.line([one_x, 35, one_x, height - 5], fill=(200, 0, 0))
+    img.save(path)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS),
+                        help="shapes (cpu-small switches to h200 when a GPU is present)")
+    parser.add_argument("--ops", nargs="+", default=list(SUBJECTS), metavar="SUBJECT",
+                        help=f"subjects to run, from {', '.join(SUBJECTS)}")
+    parser.add_argument("--json", metavar="FILE", help="write one JSON row per subject here")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speedups")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    result = run_benchmarks(args.preset, args.ops, compile_ref=not args.no_compile, progress=not args.no_progress)
+    print(format_table(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_speedups(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
