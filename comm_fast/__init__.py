@@ -7,6 +7,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# Installed, comm_fast.kernels maps to the top-level kernels/ folder (setup.py package_dir).
+# Run from a source tree on PYTHONPATH (e.g. benchmarks/gpu_check.sh), find it there too.
+_src_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if all(_os.path.isfile(_os.path.join(_src_root, *f)) for f in (("setup.py",), ("kernels", "__init__.py"))):
+    __path__.append(_src_root)  # noqa: F821 - the package's own __path__
+
 # Imported eagerly so that the name `comm_fast.info` is the function, not its module.
 from comm_fast._info import info  # noqa: E402
 
