@@ -34,7 +34,7 @@ test: $(EXT_STAMP)
 	$(PY) -m pytest tests -q
 
 bench: $(EXT_STAMP)
-	$(PY) -m comm_fast.cli bench --preset cpu-small --json bench-out/bench.json
+	$(PY) -m comm_fast.cli bench --preset cpu-small --json bench-out/bench.json --plot bench-out/bench.png
 
 info: $(EXT_STAMP)
 	$(PY) -m comm_fast.info

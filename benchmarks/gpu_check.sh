@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One-shot GPU check (DESIGN §6): on a GPU machine with no network, build the CUDA extension in
+# place, run the GPU tests, the benchmark suite at the real sizes and a short training profile,
+# then write results.json and results.md into the directory given as $1. Under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Needs python with torch (CUDA), triton, transformers, safetensors, pytest and nvcc; installs nothing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export MAX_JOBS=${MAX_JOBS:-16} TRITON_DEFAULT_FP_FUSION=1
+step() { echo "== $(date +%T) $*"; }
+
+step "environment"
+$PY - <<'PY' | tee "$OUT/env.txt"
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton absent")
+PY
+
+step "build the extension (C++ + CUDA) in place"
+timeout 300 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+echo "build rc=$?" | tee -a "$OUT/status.txt"
+$PY -m comm_fast.info | tee "$OUT/info.txt"
+
+step "GPU tests"
+timeout 200 $PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
+echo "gpu tests rc=$?" | tee -a "$OUT/status.txt"
+tail -5 "$OUT/gpu-tests.log"
+
+step "benchmarks at the real sizes"
+timeout 240 $PY -m comm_fast.cli bench --preset h200 --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+    --no-progress > "$OUT/bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$OUT/status.txt"
+
+step "training profile"
+timeout 120 $PY -m comm_fast.cli profile-train --preset 1b --steps 6 --json "$OUT/profile.json" \
+    > "$OUT/profile.log" 2>&1
+echo "profile rc=$?" | tee -a "$OUT/status.txt"
+
+step "summary"
+$PY benchmarks/summarize.py "$OUT"
