@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	COMM_FAST_NO_EXT=1 $(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
 	@touch $(STAMP)
 
-# The extension is (re)built in place whenever a csrc file changes.
+# The extension is built in place (not by pip), and rebuilt whenever a csrc file changes.
 $(EXT_STAMP): $(STAMP) $(EXT_SOURCES) setup.py
 	$(PY) setup.py --quiet build_ext --inplace
 	@touch $(EXT_STAMP)
