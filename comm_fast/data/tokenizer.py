@@ -1,0 +1,81 @@
+"""Tokenizers that work with no network.
+
+The tiny and synthetic setups use ``ByteTokenizer``: UTF-8 bytes are tokens 0..255, then a few
+special tokens. It needs no training and no files, so a model trained on any text round-trips,
+and it is saved next to the model as ``tokenizer.json``. Real checkpoints (Vicuna, LLaVA) bring
+their own Hugging Face tokenizer, wrapped by ``HFTokenizer`` and loaded from the local directory.
+Either way ``<image>`` is never a text token: the conversation code splits on it and inserts
+``image_token_id`` itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class ByteTokenizer:
+    kind = "bytes"
+    SPECIALS = ("<pad>", "<s>", "</s>", "<image>")
+
+    def __init__(self):
+        self.pad_id, self.bos_id, self.eos_id, self.image_token_id = 256, 257, 258, 259
+        self.vocab_size = 256 + len(self.SPECIALS)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+            json.dump({"comm_fast_tokenizer": self.kind, "vocab_size": self.vocab_size}, f)
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer behind the same small interface."""
+
+    kind = "hf"
+
+    def __init__(self, tok, image_token_id: int):
+        self.tok = tok
+        self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.unk_token_id or 0)
+        self.image_token_id = image_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str) -> None:
+        self.tok.save_pretrained(directory)
+
+
+def load_tokenizer(directory, image_token_id: int | None = None):
+    """The tokenizer saved in ``directory``: ours (tokenizer.json naming comm_fast_tokenizer) or a
+    Hugging Face one; None when the directory holds none."""
+    path = os.path.join(os.fspath(directory), TOKENIZER_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: corrupt tokenizer file ({exc})") from None
+        if isinstance(data, dict) and data.get("comm_fast_tokenizer") == "bytes":
+            return ByteTokenizer()
+    hf_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in hf_files):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)
+    if image_token_id is None:
+        image_token_id = tok.convert_tokens_to_ids("<image>")
+        if image_token_id is None or image_token_id == tok.unk_token_id:
+            image_token_id = len(tok)  # past the vocabulary: never embedded, always replaced
+    return HFTokenizer(tok, image_token_id)

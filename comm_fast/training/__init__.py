@@ -1,0 +1,1 @@
+"""Training: the comm-fast train command, checkpoints."""
