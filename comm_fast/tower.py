@@ -212,6 +212,7 @@ class COMMVisionTower(nn.Module):
             for idx, h in encoder.iter_hidden_states(pixels, layers):
                 term = merge.contribution(slot[idx], h[:, skip:], w)
                 acc = term if acc is None else acc.add_(term)
+                del term, h  # only the running sum stays alive while the next block runs
             return merge.finish(acc)
         if self._encoders_frozen() and not pixels.requires_grad:
             with torch.no_grad():  # frozen encoders keep no autograd graph, only the hidden states

@@ -121,3 +121,28 @@ def test_bad_tower_inputs(tmp_path, seed):
         COMMVisionTower.from_pretrained(tmp_path / "clip")
     with pytest.raises(ValueError, match="dino_layers: index 7 past the encoder's 3 blocks"):
         COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "dino", **{**BASE, "dino_layers": (7,)})
+
+
+def test_streaming_inference_memory_does_not_grow_with_merged_layers(tmp_path, seed):
+    """Under no_grad at most one hidden state per encoder is alive: merging 6 layers costs no more
+    peak memory than merging 2, while the buffered (autograd) path holds all of them."""
+    from comm_fast.bench import peak_memory_mb
+
+    clip_hf, dino_hf = hf_clip(num_hidden_layers=6), hf_dinov2(num_hidden_layers=6)
+    clip_hf.save_pretrained(tmp_path / "clip")
+    dino_hf.save_pretrained(tmp_path / "dino")
+    px = torch.randn(16, 3, 112, 112)  # 65 tokens x 64 channels x 16 images = 266 kB per hidden state
+    one_state_mb = 16 * 65 * 64 * 4 / 2**20
+
+    def peak(layers, grad):
+        tower = COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "dino", clip_layers=layers,
+                                                dino_layers=layers, out_dim=32, clip_image_size=112,
+                                                dino_image_size=112).eval()
+        with torch.set_grad_enabled(grad):
+            tower(px, px)  # warm the position-embedding cache
+            return peak_memory_mb(lambda: tower(px, px), torch.device("cpu"))
+
+    streaming_growth = peak((1, 2, 3, 4, 5, 6), False) - peak((5, 6), False)
+    buffered_growth = peak((1, 2, 3, 4, 5, 6), True) - peak((5, 6), True)
+    assert streaming_growth < 0.5 * one_state_mb, streaming_growth
+    assert buffered_growth > 3.5 * one_state_mb, buffered_growth  # the measurement sees hidden states
