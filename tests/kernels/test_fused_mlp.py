@@ -1,0 +1,93 @@
+"""Triton fused MLP (bias + activation epilogue) through the interpreter against float64 references."""
+import pytest
+import torch
+
+from comm_fast.kernels.fused_mlp import FusedMLP, matmul, mlp_backward, mlp_forward
+
+CASES = [  # leading dims, D1, H, D2, dtype, activation
+    ((3, 7), 37, 50, 29, torch.float32, "gelu"),
+    ((2, 9), 24, 72, 40, torch.bfloat16, "gelu"),
+    ((21,), 33, 40, 18, torch.float16, "gelu_tanh"),
+    ((5, 5), 20, 36, 24, torch.float32, "relu"),
+    ((19,), 48, 44, 33, torch.bfloat16, "quick_gelu"),
+    ((2, 3), 17, 23, 9, torch.float64, "gelu_tanh"),
+]
+
+
+def _params(H, D1, Hd, D2, dtype):
+    return [H.rand(Hd, D1, dtype=dtype, scale=D1 ** -0.5), H.rand(Hd, dtype=dtype),
+            H.rand(D2, Hd, dtype=dtype, scale=Hd ** -0.5), H.rand(D2, dtype=dtype)]
+
+
+def _run(fn, x, params, grad, dtype):
+    x = x.detach().to(dtype).requires_grad_(True)
+    ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
+    out = fn(x, ps)
+    return out.detach(), torch.autograd.grad(out, [x, *ps], grad.to(dtype))
+
+
+@pytest.mark.parametrize("lead,D1,Hd,D2,dtype,act", CASES)
+def test_forward_backward(lead, D1, Hd, D2, dtype, act, seed, H, poison):
+    x = H.rand(*lead, D1, dtype=dtype, scale=2.0)
+    params = _params(H, D1, Hd, D2, dtype)
+
+    out = poison((*lead, D2), dtype, "cpu")
+    res, pre = mlp_forward(x, *params, act, save_pre=True, out=out)
+    assert res is out and pre.shape == (x.numel() // D1, Hd)
+
+    grad = H.rand(*lead, D2, dtype=dtype)
+    kernel = lambda x, ps: FusedMLP.apply(x, *ps, act)  # noqa: E731
+    ref = lambda x, ps: H.ref_mlp(x, *ps, act)  # noqa: E731
+    k_out, k_grads = _run(kernel, x, params, grad, dtype)
+    r_out, r_grads = _run(ref, x, params, grad, torch.float64)
+    t_out, t_grads = (None, [None] * 5) if dtype == torch.float64 else _run(ref, x, params, grad, dtype)
+
+    H.check("out (preallocated)", out, r_out, t_out)
+    H.check("out", k_out, r_out, t_out)
+    for name, k, r, t in zip(["dx", "dw1", "db1", "dw2", "db2"], k_grads, r_grads, t_grads):
+        H.check(name, k, r, t)
+
+
+def test_pre_activation_saved_not_activation(seed, H):
+    """Forward saves x W1ᵀ + b1 (pre), the backward recomputes f(pre)."""
+    x = H.rand(6, 20, dtype=torch.float64)
+    w1, b1, w2, b2 = _params(H, 20, 30, 10, torch.float64)
+    _, pre = mlp_forward(x, w1, b1, w2, b2, "gelu", save_pre=True)
+    torch.testing.assert_close(pre, x @ w1.t() + b1)
+    _, none = mlp_forward(x, w1, b1, w2, b2, "gelu", save_pre=False)
+    assert none is None
+    out = FusedMLP.apply(x.requires_grad_(True), w1, b1, w2, b2, "gelu")
+    saved = [t for t in out.grad_fn.saved_tensors]
+    assert not any(t.shape == (6, 30) and torch.allclose(t, H.ACT["gelu"](pre)) for t in saved)
+    assert any(t.shape == (6, 30) and torch.equal(t, pre) for t in saved)
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_strided_matmul(trans_a, trans_b, seed, H, poison):
+    a = H.rand(41, 35, dtype=torch.float64)
+    b = H.rand(50, 35, dtype=torch.float64) if trans_b else H.rand(35, 50, dtype=torch.float64)
+    a_op = a.t().contiguous().t() if trans_a else a  # same values, column-major storage
+    b_op = b.t() if trans_b else b
+    out = poison((41, 50), torch.float64, "cpu")
+    matmul(a_op, b_op, out)
+    H.check("a @ b", out, a @ b_op)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu"])
+def test_gradcheck_float64(act, seed, H):
+    x = H.rand(3, 5, dtype=torch.float64).requires_grad_(True)
+    params = [p.requires_grad_(True) for p in _params(H, 5, 6, 4, torch.float64)]
+    fn = lambda *args: FusedMLP.apply(*args, act)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_backward_without_x_grad(seed, H):
+    x = H.rand(7, 12, dtype=torch.float64)
+    w1, b1, w2, b2 = _params(H, 12, 16, 8, torch.float64)
+    _, pre = mlp_forward(x, w1, b1, w2, b2, "relu")
+    grad = H.rand(7, 8, dtype=torch.float64)
+    dx, *p = mlp_backward(grad, x, pre, w1, w2, "relu", need_x=False)
+    dx_full, *p_full = mlp_backward(grad, x, pre, w1, w2, "relu", need_x=True)
+    assert dx is None and dx_full.shape == x.shape
+    for a, b in zip(p, p_full):
+        torch.testing.assert_close(a, b)
