@@ -1,0 +1,299 @@
+"""The csrc extension's functions (comm_fast._C) against F.interpolate / adaptive_avg_pool2d and the
+transformers PIL image processors; the sm_90 compile check of every .cu file; CUDA vs CPU."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comm_fast import _ext
+from comm_fast.ops import patch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_C, _WHY = _ext.load()
+needs_ext = pytest.mark.skipif(_C is None, reason=f"extension not built: {_WHY}")
+
+GRIDS = [((37, 37), (24, 24)), ((24, 24), (37, 37)), ((16, 16), (24, 24)), ((9, 13), (6, 5)),
+         ((1, 1), (1, 1)), ((1, 1), (3, 2)), ((5, 7), (1, 1))]
+
+
+def ref_resample(t, src, dst, mode, scale_factor=None, antialias=False):
+    """F.interpolate on the NCHW view in fp32 (what the kernels must reproduce)."""
+    b, _, c = t.shape
+    x = t.float().reshape(b, *src, c).permute(0, 3, 1, 2)
+    if mode == "area":
+        y = F.adaptive_avg_pool2d(x, dst)
+    elif scale_factor is not None:
+        y = F.interpolate(x, scale_factor=scale_factor, mode=mode, align_corners=False)
+    else:
+        y = F.interpolate(x, size=dst, mode=mode, align_corners=False, antialias=antialias)
+    return y.permute(0, 2, 3, 1).reshape(b, -1, c)
+
+
+def tol(dtype):
+    return {torch.float32: 2e-5, torch.float64: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("src,dst", GRIDS)
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "area", "bicubic_aa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resample_matches_interpolate(seed, src, dst, mode, dtype):
+    t = torch.randn(3, src[0] * src[1], 40).to(dtype)
+    got = _C.resample_tokens(t, *src, *dst, mode)
+    ref_mode = "bicubic" if mode == "bicubic_aa" else mode
+    want = ref_resample(t, src, dst, ref_mode, antialias=mode == "bicubic_aa")
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), atol=tol(dtype), rtol=tol(dtype))
+
+
+@needs_ext
+@pytest.mark.parametrize("src,dst", [((37, 37), (24, 24)), ((16, 16), (24, 24)), ((9, 13), (6, 5))])
+def test_resample_scale_factor_path(seed, src, dst):
+    t = torch.randn(2, src[0] * src[1], 16)
+    sf = ((dst[0] + 0.1) / src[0], (dst[1] + 0.1) / src[1])
+    got = _C.resample_tokens(t, *src, *dst, "bicubic", None, *sf)
+    torch.testing.assert_close(got, ref_resample(t, src, dst, "bicubic", scale_factor=sf), atol=2e-5, rtol=2e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "area"])
+def test_resample_into_channel_slot(seed, mode):
+    """out= a channel slice of a NaN-poisoned [B, N, 2C] buffer: the slot is written, nothing else."""
+    b, c, src, dst = 2, 24, (9, 13), (6, 5)
+    t = torch.randn(b, src[0] * src[1], c)
+    buf = torch.full((b, dst[0] * dst[1], 2 * c + 3), float("nan"))
+    slot = buf[..., c:2 * c]
+    ret = _C.resample_tokens(t, *src, *dst, mode, slot)
+    assert ret.data_ptr() == slot.data_ptr()
+    torch.testing.assert_close(slot, ref_resample(t, src, dst, mode), atol=2e-5, rtol=2e-5)
+    assert torch.isnan(buf[..., :c]).all() and torch.isnan(buf[..., 2 * c:]).all()
+
+
+@needs_ext
+def test_resample_strided_input(seed):
+    """Tokens that are themselves a channel slice (non-contiguous batch/token strides)."""
+    big = torch.randn(2, 37 * 37, 64)
+    t = big[..., 16:48]
+    got = _C.resample_tokens(t, 37, 37, 24, 24, "bilinear")
+    torch.testing.assert_close(got, ref_resample(t.contiguous(), (37, 37), (24, 24), "bilinear"), atol=2e-5, rtol=2e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["hf", "dinov2_offset", "antialias"])
+@pytest.mark.parametrize("src,dst", [((37, 37), (24, 24)), ((24, 24), (37, 37)), ((16, 16), (24, 24)),
+                                     ((9, 13), (6, 5)), ((1, 1), (2, 3))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+def test_pos_embed_matches_torch_path(seed, mode, src, dst, dtype, prefix):
+    pos = torch.randn(1, prefix + src[0] * src[1], 32).to(dtype)
+    got = _C.interpolate_pos_embed(pos, *src, *dst, mode, prefix)
+    want = patch.interpolate_pos_embed(pos, src, dst, mode=mode, num_prefix_tokens=prefix, backend="torch")
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got[:, :prefix], pos[:, :prefix])
+    torch.testing.assert_close(got.float(), want.float(), atol=tol(dtype), rtol=tol(dtype))
+    got2 = _C.interpolate_pos_embed(pos[0], *src, *dst, mode, prefix)  # [P + H*W, D] layout
+    assert got2.shape == want.shape[1:] and torch.equal(got2, got[0])
+
+
+@needs_ext
+def test_dinov2_offset_differs_from_size_based():
+    pos = torch.randn(1, 1 + 37 * 37, 8)
+    a = _C.interpolate_pos_embed(pos, 37, 37, 24, 24, "dinov2_offset", 1)
+    b = _C.interpolate_pos_embed(pos, 37, 37, 24, 24, "hf", 1)
+    assert (a - b).abs().max() > 1e-2
+
+
+@needs_ext
+@pytest.mark.parametrize("call", [
+    lambda: _C.resample_tokens(torch.randn(1, 10, 4), 3, 3, 2, 2, "bilinear"),
+    lambda: _C.resample_tokens(torch.randn(1, 9, 4), 3, 3, 0, 2, "bilinear"),
+    lambda: _C.resample_tokens(torch.randn(1, 9, 4), 3, 3, 2, 2, "nearest"),
+    lambda: _C.resample_tokens(torch.randn(1, 9, 4), 3, 3, 2, 2, "bilinear", torch.empty(1, 5, 4)),
+    lambda: _C.resample_tokens(torch.randn(1, 9, 4), 3, 3, 2, 2, "bilinear", torch.empty(1, 4, 4).double()),
+    lambda: _C.resample_tokens(torch.randn(1, 9, 4), 3, 3, 2, 2, "bilinear", torch.empty(1, 4, 8)[..., ::2]),
+    lambda: _C.resample_tokens(torch.randn(1, 9, 4), 3, 3, 2, 2, "bilinear", torch.empty(1, 1, 4).expand(1, 4, 4)),
+    lambda: _C.resample_tokens(torch.randint(0, 9, (1, 9, 4)), 3, 3, 2, 2, "bilinear"),
+    lambda: _C.interpolate_pos_embed(torch.randn(1, 10, 4), 3, 3, 2, 2, "hf", 2),
+    lambda: _C.interpolate_pos_embed(torch.randn(1, 10, 4), 3, 3, 2, 2, "cubic", 1),
+    lambda: _C.joint_preprocess([], 8, 8, torch.float32, [0] * 3, [1] * 3, [0] * 3, [1] * 3),
+    lambda: _C.joint_preprocess([torch.zeros(4, 4, 3)], 8, 8, torch.float32, [0] * 3, [1] * 3, [0] * 3, [1] * 3),
+    lambda: _C.joint_preprocess([torch.zeros(4, 4, 2, dtype=torch.uint8)], 8, 8, torch.float32, [0] * 3, [1] * 3,
+                                [0] * 3, [1] * 3),
+    lambda: _C.joint_preprocess([torch.zeros(0, 4, 3, dtype=torch.uint8)], 8, 8, torch.float32, [0] * 3, [1] * 3,
+                                [0] * 3, [1] * 3),
+    lambda: _C.joint_preprocess([torch.zeros(4, 4, 3, dtype=torch.uint8)], 0, 8, torch.float32, [0] * 3, [1] * 3,
+                                [0] * 3, [1] * 3),
+])
+def test_extension_rejects_bad_arguments(call):
+    with pytest.raises((RuntimeError, ValueError)):
+        call()
+
+
+# ---- joint_preprocess against the transformers PIL processors ----
+
+MIXED_SIZES = [(480, 640), (640, 480), (333, 500), (1000, 337), (100, 77), (336, 336), (337, 1000), (7, 9)]
+
+
+def processors(size):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    kw = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_normalize=False)
+    return transformers.CLIPImageProcessorPil(**kw), transformers.BitImageProcessorPil(**kw)
+
+
+def unnormalise(x, mean, std):
+    return x.float() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+
+
+def assert_close_to_pil(ours, theirs, exact=False):
+    d = (ours - theirs).abs()
+    within = (d <= 2 / 255 + 1e-6).float().mean().item()
+    assert within >= 0.999, f"only {within:.5f} of values within 2/255 (max |diff| {d.max().item() * 255:.1f}/255)"
+    if exact:  # the C++/CUDA resize is Pillow's own arithmetic
+        assert d.max().item() < 1e-5, f"max |diff| {d.max().item() * 255:.2f}/255"
+
+
+@needs_ext
+@pytest.mark.parametrize("size", [336, 224])
+def test_joint_preprocess_matches_processors(seed, size):
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in MIXED_SIZES]
+    clip_proc, dino_proc = processors(size)
+    clip_ref = torch.from_numpy(np.stack(clip_proc(images, return_tensors="np")["pixel_values"]))
+    dino_ref = torch.from_numpy(np.stack(dino_proc(images, return_tensors="np")["pixel_values"]))
+    clip, dino = _C.joint_preprocess([torch.from_numpy(im) for im in images], size, size, torch.float32,
+                                     patch.CLIP_MEAN, patch.CLIP_STD, patch.DINO_MEAN, patch.DINO_STD)
+    assert clip.shape == dino.shape == (len(images), 3, size, size) and clip.dtype == torch.float32
+    assert_close_to_pil(unnormalise(clip, patch.CLIP_MEAN, patch.CLIP_STD), clip_ref, exact=True)
+    assert_close_to_pil(unnormalise(dino, patch.DINO_MEAN, patch.DINO_STD), dino_ref, exact=True)
+
+
+@needs_ext
+def test_joint_preprocess_normalisation_matches_processor(seed):
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(2)]
+    proc = transformers.BitImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                             image_mean=list(patch.DINO_MEAN), image_std=list(patch.DINO_STD))
+    want = torch.from_numpy(np.stack(proc(images, return_tensors="np")["pixel_values"]))
+    _, dino = _C.joint_preprocess([torch.from_numpy(im) for im in images], 224, 224, torch.float32,
+                                  patch.CLIP_MEAN, patch.CLIP_STD, patch.DINO_MEAN, patch.DINO_STD)
+    torch.testing.assert_close(dino, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+def test_joint_preprocess_layouts_and_sizes_agree(seed):
+    """[B,H,W,3] views, [B,3,H,W] views and different clip/dino sizes give the same pixels."""
+    imgs = torch.randint(0, 256, (3, 200, 260, 3), dtype=torch.uint8)
+    args = (torch.float32, patch.CLIP_MEAN, patch.CLIP_STD, patch.DINO_MEAN, patch.DINO_STD)
+    a_clip, a_dino = _C.joint_preprocess(list(imgs.unbind(0)), 112, 96, *args)
+    chw = imgs.permute(0, 3, 1, 2).contiguous()
+    b_clip, b_dino = _C.joint_preprocess([x.permute(1, 2, 0) for x in chw.unbind(0)], 112, 96, *args)
+    assert torch.equal(a_clip, b_clip) and torch.equal(a_dino, b_dino)
+    c_clip, _ = _C.joint_preprocess(list(imgs.unbind(0)), 112, 112, *args)
+    assert torch.equal(a_clip, c_clip)
+    assert a_dino.shape == (3, 3, 96, 96)
+    bf_clip, _ = _C.joint_preprocess(list(imgs.unbind(0)), 112, 96, torch.bfloat16, *args[1:])
+    torch.testing.assert_close(bf_clip.float(), a_clip, atol=2e-2, rtol=1e-2)
+
+
+# ---- compile check of the CUDA sources for Hopper (no GPU, no link) ----
+
+def _nvcc():
+    found = shutil.which("nvcc")
+    for cand in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+        if not found and os.path.exists(cand):
+            found = cand
+    return found
+
+
+CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found: the sm_90 compile check needs the CUDA toolkit")
+@pytest.mark.parametrize("cu", CU_FILES, ids=os.path.basename)
+def test_cuda_sources_compile_for_sm90(cu, tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    incs = [f"-I{p}" for p in include_paths() + [sysconfig.get_paths()["include"]]]
+    cmd = [_nvcc(), "-arch=sm_90", "-std=c++17", "-O3", *incs, "-DCOMM_FAST_WITH_CUDA=1", "-Xcompiler", "-fPIC",
+           "-c", cu, "-o", str(tmp_path / "out.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert (tmp_path / "out.o").stat().st_size > 0
+    sass = subprocess.run([os.path.join(os.path.dirname(_nvcc()), "cuobjdump"), "-lelf", str(tmp_path / "out.o")],
+                          capture_output=True, text=True)
+    if sass.returncode == 0:
+        assert "sm_90" in sass.stdout
+
+
+def test_cuda_host_code_compiles_against_this_torch():
+    """csrc/patch_cuda_host.cpp is only built with CUDA torch; check its syntax here with the macro set."""
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DCOMM_FAST_WITH_CUDA=1", *[f"-I{p}" for p in include_paths()],
+           os.path.join(ROOT, "csrc", "patch_cuda_host.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+# ---- CUDA kernels against the CPU ones ----
+
+needs_cuda_ext = pytest.mark.skipif(not _ext.has_cuda(), reason="comm_fast._C built without CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("src,dst", GRIDS)
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "area", "bicubic_aa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_resample_matches_cpu(seed, src, dst, mode, dtype):
+    t = torch.randn(3, src[0] * src[1], 72).to(dtype)
+    cpu = _C.resample_tokens(t, *src, *dst, mode)
+    buf = torch.full((3, dst[0] * dst[1], 160), float("nan"), device="cuda", dtype=dtype)
+    gpu = _C.resample_tokens(t.cuda(), *src, *dst, mode, buf[..., 8:80])
+    torch.testing.assert_close(gpu.cpu().float(), cpu.float(), atol=tol(dtype), rtol=tol(dtype))
+    assert torch.isnan(buf[..., :8]).all() and torch.isnan(buf[..., 80:]).all()
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("mode", ["hf", "dinov2_offset", "antialias"])
+def test_cuda_pos_embed_matches_cpu(seed, mode):
+    pos = torch.randn(1, 5 + 37 * 37, 64)
+    cpu = _C.interpolate_pos_embed(pos, 37, 37, 24, 24, mode, 5)
+    gpu = _C.interpolate_pos_embed(pos.cuda(), 37, 37, 24, 24, mode, 5)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+@pytest.mark.parametrize("sizes", [(336, 336), (224, 336)])
+def test_cuda_joint_preprocess_matches_cpu(seed, sizes):
+    rng = np.random.default_rng(seed)
+    images = [torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in MIXED_SIZES]
+    args = (torch.float32, patch.CLIP_MEAN, patch.CLIP_STD, patch.DINO_MEAN, patch.DINO_STD)
+    cpu = _C.joint_preprocess(images, *sizes, *args)
+    gpu = _C.joint_preprocess([im.cuda() for im in images], *sizes, *args)
+    for a, b in zip(gpu, cpu):
+        assert a.is_cuda
+        torch.testing.assert_close(a.cpu(), b, atol=1e-6, rtol=0)
+    batch = torch.from_numpy(rng.integers(0, 256, (4, 3, 120, 90), dtype=np.uint8))
+    cpu = _C.joint_preprocess([x.permute(1, 2, 0) for x in batch], *sizes, *args)
+    gpu = _C.joint_preprocess([x.permute(1, 2, 0) for x in batch.cuda()], *sizes, *args)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-6, rtol=0)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
