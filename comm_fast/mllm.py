@@ -168,6 +168,15 @@ class COMMForCausalLM(nn.Module):
         for p in (*self.vision.clip.parameters(), *self.vision.dino.parameters()):
             p.requires_grad_(False)
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each LLM block in backward (non-reentrant, so frozen weights and inputs that need
+        grads both work)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.llm.activation_checkpointing_enable(kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_tokens

@@ -234,7 +234,7 @@ def train(args) -> dict:
         # 2. the engine
         model.to(dist.device)
         if args.grad_checkpointing:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_activation_checkpointing()
         model.train()
         engine = model
         if dist.world > 1 and args.fsdp:
@@ -356,11 +356,14 @@ def _save_model(out: str, model, engine, dist) -> None:
 
 
 def run(args) -> int:
+    threads = torch.get_num_threads()
     try:
         summary = train(args)
     except (UsageError, FileNotFoundError, ValueError) as exc:
         print(f"comm-fast train: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     if int(os.environ.get("RANK", "0")) == 0 and summary["losses"]:
         first, last = summary["losses"][0], summary["losses"][-1]
         print(f"step {summary['step']}: loss {first:.4f} -> {last:.4f}; checkpoints and metrics.jsonl in "

@@ -1,0 +1,146 @@
+"""Data: Shikra boxes, the synthetic set, the LLaVA loader's validation and bad inputs, the sample order."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from comm_fast.cli import main as cli
+from comm_fast.data import ByteTokenizer, format_box, parse_boxes
+from comm_fast.data.dataset import ConversationDataset, DataOrder, collate, resolve_data
+from comm_fast.data.synthetic import make_synthetic
+
+N_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("syn") / "set", 12, seed=3)
+
+
+def test_boxes_are_shikra_style():
+    assert format_box((10, 20, 64, 128), 128, 128) == "[0.078,0.156,0.500,1.000]"
+    assert parse_boxes("at [0.078,0.156,0.500,1.000] and [0.1, 0.2, 0.3, 0.4].") == [
+        (0.078, 0.156, 0.5, 1.0), (0.1, 0.2, 0.3, 0.4)]
+
+
+def test_make_data_cli_writes_boxes_and_captions(tmp_path):
+    assert cli(["make-data", "synthetic", "--n", "6", "--out", str(tmp_path / "d")]) == 0
+    assert len(os.listdir(tmp_path / "d" / "images")) == 6
+    fin = json.load(open(tmp_path / "d" / "finetune.json"))
+    pre = json.load(open(tmp_path / "d" / "pretrain.json"))
+    assert len(fin) == len(pre) == 6
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in fin + pre)
+    assert all(r["conversations"][1]["value"].endswith("background.") for r in pre)
+    answers = [t["value"] for r in fin for t in r["conversations"] if t["from"] == "gpt"]
+    boxes = [b for a in answers for b in parse_boxes(a)]
+    assert boxes and all(0 <= v <= 1 for b in boxes for v in b)
+    assert all(a.count(".") == 4 and len(a) == 25 for a in answers if a.startswith("["))  # three decimals
+    assert cli(["make-data", "synthetic", "--n", "6", "--out", str(tmp_path / "d")]) == 2  # never overwrites
+
+
+def test_synthetic_boxes_match_the_drawn_shapes(synthetic):
+    from PIL import Image
+
+    rec = next(r for r in json.load(open(os.path.join(synthetic, "finetune.json")))
+               if r["conversations"][1]["value"].startswith("["))
+    img = np.asarray(Image.open(os.path.join(synthetic, rec["image"])).convert("RGB")).astype(int)
+    x0, y0, x1, y1 = (round(v * img.shape[0]) for v in parse_boxes(rec["conversations"][1]["value"])[0])
+    colour = rec["conversations"][0]["value"].split("the ")[1].split()[0]
+    from comm_fast.data.synthetic import COLORS
+    cx, cy = (x0 + x1) // 2, (y0 + y1) * 3 // 5  # inside circle, square and triangle alike
+    assert np.abs(img[cy, cx] - COLORS[colour]).max() <= 1
+
+
+def test_dataset_tokenises_and_collates(synthetic):
+    tok = ByteTokenizer()
+    path, folder = resolve_data(synthetic, "finetune")
+    ds = ConversationDataset(path, folder, tok, N_TOKENS, 512)
+    assert len(ds) == 12 and ds.num_truncated == 0
+    assert all((s.input_ids == tok.image_token_id).sum() == N_TOKENS for s in ds.samples)
+    batch = collate([ds[0], ds[1]], tok.pad_id)
+    assert batch["input_ids"].shape[0] == 2 and batch["num_images"] == 2
+    packed = collate([ds[i] for i in range(5)], tok.pad_id, pack=True, capacity=700)
+    assert packed["input_ids"].shape[1] <= 700 and packed["num_tokens"] == sum(len(ds[i].input_ids) for i in range(5))
+    assert (packed["position_ids"] == 0).sum() >= 5
+
+
+def _write(tmp_path, records, images=("a.png",)):
+    from PIL import Image
+
+    for name in images:
+        Image.new("RGB", (20, 20), "red").save(tmp_path / name)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def _rec(image="a.png", text="<image>\nWhat?", answer="A red square."):
+    rec = {"id": "r1", "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+def load(path, **kw):
+    return ConversationDataset(path, os.path.dirname(path), ByteTokenizer(), N_TOKENS, kw.pop("max_length", 512), **kw)
+
+
+def test_missing_image_names_the_file(tmp_path):
+    path = _write(tmp_path, [_rec(), _rec(image="gone.png")])
+    with pytest.raises(ValueError, match=r"gone\.png: file not found \(record 1"):
+        load(path)
+    with pytest.warns(UserWarning, match="skipped 1 records"):
+        ds = load(path, skip_bad_images=True)
+    assert len(ds) == 1 and ds.bad_images == [str(tmp_path / "gone.png")]
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    path = _write(tmp_path, [_rec(), _rec(image="bad.png")])
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match=r"bad\.png: corrupt image"):
+        load(path)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert len(load(path, skip_bad_images=True)) == 1
+
+
+def test_image_placeholder_count_must_match(tmp_path):
+    with pytest.raises(ValueError, match=r"record 0 \(id 'r1'\): 0 <image> placeholders for 1 images"):
+        load(_write(tmp_path, [_rec(text="What?")]))
+    with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
+        load(_write(tmp_path, [_rec(text="<image><image>\nWhat?")]))
+    with pytest.raises(ValueError, match="1 <image> placeholders for 0 images"):
+        load(_write(tmp_path, [_rec(image=None)]))
+
+
+def test_long_sequences_are_truncated_with_a_counted_warning(tmp_path):
+    path = _write(tmp_path, [_rec(answer="x" * 400), _rec()])
+    with pytest.warns(UserWarning, match="1 of 2 conversations were longer than max_length=300"):
+        ds = load(path, max_length=300)
+    assert ds.num_truncated == 1 and len(ds[0].input_ids) == 300
+    with pytest.raises(ValueError, match="cuts through its image tokens"):
+        load(path, max_length=165)  # the system prompt is ~160 tokens: the 16 image tokens do not fit
+
+
+def test_malformed_records(tmp_path):
+    bad_json = tmp_path / "broken.json"
+    bad_json.write_text("[{")
+    with pytest.raises(ValueError, match="broken.json: corrupt JSON"):
+        load(str(bad_json))
+    rec = _rec()
+    rec["conversations"][0]["from"] = "gpt"
+    with pytest.raises(ValueError, match="turn 0 is from 'gpt', expected 'human'"):
+        load(_write(tmp_path, [rec]))
+    with pytest.raises(ValueError, match="non-empty JSON list"):
+        load(_write(tmp_path, {"not": "a list"}))
+    with pytest.raises(FileNotFoundError, match="neither finetune.json nor data.json"):
+        resolve_data(str(tmp_path / "images-only"), "finetune") if os.makedirs(tmp_path / "images-only") is None else 0
+
+
+def test_data_order_is_seeded_and_resumable():
+    a = DataOrder(10, seed=1)
+    first = a.take(7) + a.take(7)  # crosses into the second epoch
+    assert sorted(first[:10]) == list(range(10))
+    b = DataOrder(10, seed=1, position=7)
+    assert b.take(7) == first[7:]
+    assert DataOrder(10, seed=2).take(10) != first[:10]

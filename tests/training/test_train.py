@@ -1,0 +1,91 @@
+"""comm-fast train end to end on the tiny preset: falling loss, metrics, exact resume, bad input,
+and 2-process gloo DDP / FSDP2 equal to one process at the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from comm_fast.cli import main as cli
+
+BASE = ["--preset", "tiny", "--data", "synthetic", "--synthetic-n", "16", "--batch-size", "2", "--threads", "1",
+        "--no-progress", "--seed", "5"]
+
+
+def train(out, *extra):
+    return cli(["train", *BASE, "--out", str(out), *extra])
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train(a, "--steps", "40", "--save-every", "10") == 0
+    full = losses(a)
+    assert [m["step"] for m in full] == list(range(1, 41))
+    assert {"step", "loss", "lr", "tokens_per_s", "images_per_s"} <= set(full[0])
+    assert full[-1]["loss"] < 0.7 * full[0]["loss"]  # it learns
+    assert sorted(n for n in os.listdir(a) if n.startswith("checkpoint")) == [
+        "checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40"]
+
+    assert train(b, "--steps", "40", "--save-every", "10", "--stop-after", "20") == 0  # interrupted at 20
+    os.makedirs(b / ".tmp-checkpoint-30")  # cut off mid-write: a temporary directory
+    os.makedirs(b / "checkpoint-30")       # and a directory without its trainer state: both never loaded
+    (b / "checkpoint-30" / "trainable.safetensors").write_bytes(b"partial")
+    assert train(b, "--steps", "40", "--save-every", "10", "--resume") == 0
+    resumed = losses(b)
+    assert [m["step"] for m in resumed] == list(range(1, 41))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full]  # bit-exact on CPU
+    assert [m["lr"] for m in resumed] == [m["lr"] for m in full]
+
+    # the trained model answers through the generate command
+    img = next(iter(sorted((a / "data-synthetic" / "images").iterdir())))
+    assert cli(["generate", "--model", str(a / "model"), "--image", str(img), "--prompt",
+                "Where is the red circle?", "--max-new-tokens", "4"]) == 0
+
+
+def test_bad_input_is_reported_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, "--steps", "2", "--resume") == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err and not out.exists()
+    assert train(tmp_path / "x", "--steps", "2", "--data", str(tmp_path / "nope.json")) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+    assert train(out, "--steps", "2", "--save-every", "1") == 0
+    before = sorted(os.listdir(out))
+    assert train(out, "--steps", "2") == 2  # would overwrite checkpoints
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert train(out, "--steps", "4", "--lr", "0.1", "--resume") == 2  # another config
+    assert "another config (differs in: lr, steps)" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before
+    os.rename(out / "checkpoint-2", out / ".tmp-checkpoint-2")
+    os.rename(out / "checkpoint-1", out / "checkpoint-x")
+    assert train(out, "--steps", "2", "--resume") == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_process_gloo_run_equals_one_process(tmp_path, engine):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--steps", "3", "--pack", "--save-every", "3"]
+    assert train(one, *common, "--grad-accum", "2") == 0  # same global batch: 2 x 2 samples
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "comm_fast.cli", "train", *BASE, "--out", str(two), *common]
+    if engine == "fsdp":
+        cmd += ["--fsdp", "--grad-checkpointing"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 3
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-5 for x, y in zip(a, b)), (a, b)
+
+    from safetensors.torch import load_file
+    wa = load_file(str(one / "checkpoint-3" / "trainable.safetensors"))
+    wb = load_file(str(two / "checkpoint-3" / "trainable.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
