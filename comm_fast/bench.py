@@ -267,29 +267,27 @@ def _preprocess_case(p, device) -> Case:
                 bytes=n * (480 * 640 * 3 + 2 * 3 * 336 * 336 * 4), op="joint_preprocess")
 
 
+def tower_config(d: int, heads: int, out_dim: int):
+    """A COMMVisionConfig with ViT-L's depth (24 + 24 blocks) at width d, both encoders at 336px."""
+    from comm_fast import COMMVisionConfig
+    from comm_fast.models import ViTConfig
+
+    clip = ViTConfig(family="clip", hidden_size=d, num_layers=24, num_heads=heads, mlp_hidden=4 * d, patch_size=14,
+                     image_size=336, layer_norm_eps=1e-5, activation="quick_gelu", pre_norm=True, patch_bias=False)
+    dino = ViTConfig(family="dinov2", hidden_size=d, num_layers=24, num_heads=heads, mlp_hidden=4 * d, patch_size=14,
+                     image_size=518, layer_norm_eps=1e-6, activation="gelu", layerscale=True)
+    return COMMVisionConfig(clip=clip.to_dict(), dino=dino.to_dict(), out_dim=out_dim)
+
+
 def _tower_case(p, device) -> Case:
     """The tower under no_grad (streaming merge) against the composition a user would write from
     transformers' models: output_hidden_states=True plus per-layer LayerNorm + Linear modules."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
-
-    from comm_fast import COMMVisionConfig, COMMVisionTower
-    from comm_fast.models import CLIPVisionEncoder, DINOv2Encoder
-
-    d, heads, B = p["tower_dim"], p["tower_heads"], p["tower_batch"]
-    common = dict(hidden_size=d, num_hidden_layers=24, num_attention_heads=heads, patch_size=14)
-    clip_hf = CLIPVisionModel(CLIPVisionConfig(**common, intermediate_size=4 * d, image_size=336))
-    dino_hf = Dinov2Model(Dinov2Config(**common, image_size=518))
-    clip_hf.config._attn_implementation = dino_hf.config._attn_implementation = "sdpa"
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        clip_hf.save_pretrained(os.path.join(tmp, "clip"))
-        dino_hf.save_pretrained(os.path.join(tmp, "dino"))
-        tower = COMMVisionTower.from_pretrained(os.path.join(tmp, "clip"), os.path.join(tmp, "dino"),
-                                                out_dim=2 * d)
+    from comm_fast import COMMVisionTower
     from comm_fast.reference import COMMReference
 
-    ref_model = COMMReference(tower.config, clip_hf, dino_hf).load_merge_weights(tower)
+    d, B = p["tower_dim"], p["tower_batch"]
+    tower = COMMVisionTower(tower_config(d, p["tower_heads"], 2 * d))
+    ref_model = COMMReference.from_tower(tower)
     tower = tower.to(device, p["dtype"]).eval()
     ref_model = ref_model.to(device, p["dtype"]).eval()
     px = torch.randn(B, 3, 336, 336, device=device, dtype=p["dtype"])
@@ -303,8 +301,7 @@ def _tower_case(p, device) -> Case:
             return ref_model(px, px)
 
     n_params = sum(t.numel() for t in tower.parameters())
-    tokens = B * 577
-    flops = 2 * n_params * tokens  # weights touched once per token, attention left out
+    flops = 2 * n_params * B * 577  # weights touched once per token; attention left out
     return Case("tower", f"B={B} 336px, 2 x 24 blocks of width {d}, inference", fused, ref, ref_model,
                 compile_args=(px, px), compile_on_cpu=False,
                 ref_name="transformers encoders + per-layer nn.LayerNorm/nn.Linear",

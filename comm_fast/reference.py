@@ -156,6 +156,15 @@ class COMMReference(nn.Module):
         fused = torch.cat([v1, m], dim=-1) if cfg.combine == "concat" else v1 + m
         return self.projector(fused)
 
+    @classmethod
+    def from_tower(cls, tower) -> "COMMReference":
+        """The same weights as a COMMVisionTower, on transformers' CLIPVisionModel and Dinov2Model
+        (Dinov2WithRegistersModel when the DINOv2 has registers): the naive composition to compare with."""
+        clip_model = hf_encoder(tower.clip)
+        dino_model = hf_encoder(tower.dino)
+        ref = cls(tower.config, clip_model, dino_model)
+        return ref.to(tower.projector.weight.dtype).load_merge_weights(tower)
+
     @staticmethod
     def _grid(pixels, model):
         p = model.config.patch_size
@@ -180,3 +189,71 @@ class COMMReference(nn.Module):
         fc1.load_state_dict(tower.dino_mlp.fc1.state_dict()); fc2.load_state_dict(tower.dino_mlp.fc2.state_dict())
         self.projector.load_state_dict(tower.projector.state_dict())
         return self
+
+
+def hf_encoder(encoder) -> nn.Module:
+    """A transformers vision model holding the weights of a comm_fast CLIPVisionEncoder / DINOv2Encoder."""
+    import transformers
+
+    cfg = encoder.config
+    common = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.layer_norm_eps,
+                  num_channels=cfg.num_channels)
+    sd = {k: v.detach() for k, v in encoder.state_dict().items()}
+    out = {}
+    if cfg.family == "clip":
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            **common, intermediate_size=cfg.mlp_hidden, hidden_act=cfg.activation))
+        out["embeddings.class_embedding"] = sd.pop("cls_token").reshape(-1)
+        out["embeddings.position_embedding.weight"] = sd.pop("pos_embed")[0]
+        out["embeddings.patch_embedding.weight"] = sd.pop("patch_embed.weight")
+        layer, q, k, v, o = "encoder.layers.{}.", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"
+        names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+        top = {"pre_norm": "pre_layrnorm"}
+    else:
+        if cfg.activation == "swiglu":
+            raise ValueError("encoder: no transformers twin for a SwiGLU DINOv2 in this helper")
+        registers = cfg.num_register_tokens
+        kind = "Dinov2WithRegisters" if registers else "Dinov2"
+        extra = {"num_register_tokens": registers} if registers else {}
+        if cfg.mlp_hidden % cfg.hidden_size:
+            raise ValueError(f"encoder: MLP width {cfg.mlp_hidden} is not a multiple of {cfg.hidden_size}")
+        model = getattr(transformers, f"{kind}Model")(getattr(transformers, f"{kind}Config")(
+            **common, mlp_ratio=cfg.mlp_hidden // cfg.hidden_size, **extra))
+        for name, hf in (("cls_token", "cls_token"), ("pos_embed", "position_embeddings"),
+                         ("register_tokens", "register_tokens")):
+            if name in sd:
+                out[f"embeddings.{hf}"] = sd.pop(name)
+        out["embeddings.patch_embeddings.projection.weight"] = sd.pop("patch_embed.weight")
+        out["embeddings.patch_embeddings.projection.bias"] = sd.pop("patch_embed.bias")
+        hf_names = set(model.state_dict())
+        q, k, v, o = (("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
+                      if "encoder.layer.0.attention.q_proj.weight" in hf_names else
+                      ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                       "attention.output.dense"))
+        layer = "encoder.layer.{}."
+        names = {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+                 "ls1": "layer_scale1.lambda1", "ls2": "layer_scale2.lambda1"}
+        top = {}
+    for i in range(cfg.num_layers):
+        pre = layer.format(i)
+        for kind in ("weight", "bias"):
+            parts = sd.pop(f"blocks.{i}.attn.qkv.{kind}").chunk(3)
+            for name, part in zip((q, k, v), parts):
+                out[f"{pre}{name}.{kind}"] = part
+            out[f"{pre}{o}.{kind}"] = sd.pop(f"blocks.{i}.attn.proj.{kind}")
+        for ours, theirs in names.items():
+            for key in [k_ for k_ in list(sd) if k_.startswith(f"blocks.{i}.{ours}")]:
+                out[pre + theirs + key[len(f"blocks.{i}.{ours}"):]] = sd.pop(key)
+    for ours, theirs in top.items():
+        for key in [k_ for k_ in list(sd) if k_.startswith(ours + ".")]:
+            out[theirs + key[len(ours):]] = sd.pop(key)
+    if sd:
+        raise ValueError(f"encoder: weights without a transformers twin: {sorted(sd)}")
+    missing, unexpected = model.load_state_dict(out, strict=False)
+    # the final norms (post_layernorm / layernorm) are not part of COMM's hidden states
+    leftover = [m for m in missing if not m.startswith(("post_layernorm", "layernorm", "embeddings.mask_token"))
+                and "position_ids" not in m]
+    if leftover or unexpected:
+        raise ValueError(f"encoder: transformers twin mismatch: missing {leftover}, unexpected {unexpected}")
+    return model.to(next(encoder.parameters()).dtype).eval()

@@ -146,3 +146,12 @@ def test_streaming_inference_memory_does_not_grow_with_merged_layers(tmp_path, s
     buffered_growth = peak((1, 2, 3, 4, 5, 6), True) - peak((5, 6), True)
     assert streaming_growth < 0.5 * one_state_mb, streaming_growth
     assert buffered_growth > 3.5 * one_state_mb, buffered_growth  # the measurement sees hidden states
+
+
+@pytest.mark.parametrize("dino", [hf_dinov2, hf_dinov2_reg])
+def test_reference_from_tower_rebuilds_the_transformers_models(tmp_path, seed, dino):
+    tower, ref = _build(tmp_path, dino=dino)
+    twin = COMMReference.from_tower(tower).eval()
+    px = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(px, px), ref(px, px), rtol=1e-5, atol=1e-5)
