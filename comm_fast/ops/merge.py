@@ -67,7 +67,8 @@ def _triton_usable(device_type: str, probe) -> tuple[bool, str]:
     return True, why
 
 
-def _resolve(op: str, backend: str | None, device_type: str, probe=_triton_importable) -> tuple[str, str]:
+def _resolve(op: str, backend: str | None, device_type: str, probe=_triton_importable,
+             warn: bool = True) -> tuple[str, str]:
     """(backend that runs, why). Explicit arguments that cannot be honoured raise; the env var falls back."""
     req = _backend.requested(backend)
     note = ""
@@ -83,7 +84,9 @@ def _resolve(op: str, backend: str | None, device_type: str, probe=_triton_impor
         if backend is not None:
             raise RuntimeError(f"backend: 'triton' cannot run {op} on {device_type} tensors here: {why}; "
                                "use backend='torch' (or 'auto')")
-        _backend.warn_once(f"{op}:triton:{device_type}", f"COMM_FAST_BACKEND=triton: {why}; {op} falls back to auto")
+        if warn:
+            _backend.warn_once(f"{op}:triton:{device_type}",
+                               f"COMM_FAST_BACKEND=triton: {why}; {op} falls back to auto")
         note = f"COMM_FAST_BACKEND=triton unusable ({why}), so "
         req = "auto"
     if req == "torch":
@@ -103,7 +106,7 @@ def describe() -> dict:
         entry = {}
         for dev in ("cpu", "cuda"):
             try:
-                name, why = _resolve(op, None, dev, probe=_triton_installed)
+                name, why = _resolve(op, None, dev, probe=_triton_installed, warn=False)
             except (ValueError, RuntimeError) as exc:
                 name, why = "error", str(exc)
             entry[dev] = {"backend": name, "reason": why}

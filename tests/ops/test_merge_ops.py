@@ -1,0 +1,334 @@
+"""comm_fast.ops merge ops: the torch (CPU) path against float64 references, backend dispatch and
+recording, input validation, custom-op registration (torch.compile, opcheck)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comm_fast import _backend, ops
+from comm_fast.ops import merge
+
+EPS = 1e-5
+ACT = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+       "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+
+
+def rand(*shape, dtype=torch.float64, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale + shift).to(dtype)
+
+
+def ref_lnws(layers, w, b, a):
+    return sum(a[l] * F.layer_norm(x, x.shape[-1:], w[l], b[l], EPS) for l, x in enumerate(layers))
+
+
+def ref_merge(layers, w, b, W, bias, a):
+    return sum(a[l] * F.linear(F.layer_norm(x, x.shape[-1:], w[l], b[l], EPS), W[l], bias[l])
+               for l, x in enumerate(layers))
+
+
+def ref_mlp(x, w1, b1, w2, b2, act):
+    return F.linear(ACT[act](F.linear(x, w1, b1)), w2, b2)
+
+
+def hidden(L, D, layout, dtype):
+    """(leaf tensors, build(leaves) -> (h for the op, layer views))."""
+    if layout == "stacked":
+        return [rand(L, 2, 7, D, dtype=dtype, scale=2, shift=0.5)], lambda ls: (ls[0], list(ls[0].unbind(0)))
+    if layout == "strided":  # [L, B, T, D] with the CLS token dropped
+        return [rand(L, 2, 8, D, dtype=dtype, scale=2, shift=0.5)], \
+            lambda ls: (ls[0][:, :, 1:], list(ls[0][:, :, 1:].unbind(0)))
+    return [rand(2, 7, D, dtype=dtype, scale=2, shift=0.5) for _ in range(L)], lambda ls: (list(ls), list(ls))
+
+
+def merge_params(L, D, N, dtype):
+    return [rand(L, D, dtype=dtype, scale=0.5, shift=1.0), rand(L, D, dtype=dtype),
+            rand(L, N, D, dtype=dtype, scale=D ** -0.5), rand(L, N, dtype=dtype), rand(L, dtype=dtype)]
+
+
+def mlp_params(D1, H, D2, dtype):
+    return [rand(H, D1, dtype=dtype, scale=D1 ** -0.5), rand(H, dtype=dtype),
+            rand(D2, H, dtype=dtype, scale=H ** -0.5), rand(D2, dtype=dtype)]
+
+
+def run(fn, leaves, params, grad, dtype):
+    ls = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
+    ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
+    out = fn(ls, ps)
+    return out.detach(), torch.autograd.grad(out, ls + ps, grad.to(dtype))
+
+
+def check(name, got, ref64, same_dtype=None):
+    """fp64: tight; else within 2x PyTorch's own error in that dtype plus a small atol."""
+    assert not torch.isnan(got).any(), name
+    err = (got.double() - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    if same_dtype is None:
+        assert err <= 1e-9 * (1 + scale), f"{name}: {err:.3g}"
+        return
+    base = (same_dtype.double() - ref64).abs().max().item()
+    atol = torch.finfo(same_dtype.dtype).eps * scale * (64 if same_dtype.dtype == torch.float32 else 1)
+    assert err <= 2 * base + atol, f"{name}: {err:.3g} > 2 x {base:.3g} + {atol:.3g}"
+
+
+def compare(op_fn, ref_fn, leaves, params, out_shape, dtype, names):
+    grad = rand(*out_shape)
+    o, g = run(op_fn, leaves, params, grad, dtype)
+    r, rg = run(ref_fn, leaves, params, grad, torch.float64)
+    t, tg = (None, [None] * len(rg)) if dtype == torch.float64 else run(ref_fn, leaves, params, grad, dtype)
+    assert o.dtype == dtype
+    check("out", o, r, t)
+    for name, a, b, c in zip(names, g, rg, tg):
+        check(name, a, b, c)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("COMM_FAST_BACKEND", raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Buffers the Triton launchers allocate start as NaN."""
+    from comm_fast.kernels import _utils
+
+    def nan_empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(_utils, "_empty", nan_empty)
+
+
+# ------------------------------------------------------------------ accuracy, torch and triton backends
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout,L,D,N,dtype", [
+    ("stacked", 4, 24, 20, torch.float64), ("strided", 3, 37, 18, torch.float32),
+    ("list", 5, 20, 33, torch.bfloat16), ("strided", 1, 30, 12, torch.float32)])
+def test_multilevel_merge(backend, layout, L, D, N, dtype, seed, clean_env, poison):
+    if backend == "triton" and dtype == torch.float64 and L > 3:
+        L = 3  # keep the interpreter quick
+    leaves, build = hidden(L, D, layout, dtype)
+    params = merge_params(L, D, N, dtype)
+    names = [f"dh[{i}]" for i in range(len(leaves))] + ["d ln_weight", "d ln_bias", "d weight", "d bias", "d alpha"]
+    compare(lambda ls, ps: ops.multilevel_merge(build(ls)[0], *ps, eps=EPS, backend=backend),
+            lambda ls, ps: ref_merge(build(ls)[1], *ps), leaves, params, (2, 7, N), dtype, names)
+    assert _backend.last_used()["multilevel_merge"]["backend"] == backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout,L,D,dtype", [
+    ("stacked", 4, 24, torch.float64), ("strided", 3, 37, torch.bfloat16), ("list", 6, 20, torch.float32)])
+def test_layernorm_weighted_sum(backend, layout, L, D, dtype, seed, clean_env, poison):
+    leaves, build = hidden(L, D, layout, dtype)
+    params = merge_params(L, D, 1, dtype)
+    params = [params[0], params[1], params[4]]
+    names = [f"dh[{i}]" for i in range(len(leaves))] + ["d ln_weight", "d ln_bias", "d alpha"]
+    compare(lambda ls, ps: ops.layernorm_weighted_sum(build(ls)[0], *ps, eps=EPS, backend=backend),
+            lambda ls, ps: ref_lnws(build(ls)[1], *ps), leaves, params, (2, 7, D), dtype, names)
+    assert _backend.last_used()["layernorm_weighted_sum"]["backend"] == backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("act,dtype", [("gelu", torch.float64), ("gelu_tanh", torch.float32),
+                                       ("relu", torch.bfloat16), ("quick_gelu", torch.float32)])
+def test_fused_mlp(backend, act, dtype, seed, clean_env, poison):
+    x = rand(2, 7, 19, dtype=dtype, scale=2)
+    params = mlp_params(19, 40, 13, dtype)
+    compare(lambda ls, ps: ops.fused_mlp(ls[0], *ps, act, backend=backend),
+            lambda ls, ps: ref_mlp(ls[0], *ps, act), [x], params, (2, 7, 13), dtype,
+            ["dx", "dw1", "db1", "dw2", "db2"])
+    assert _backend.last_used()["fused_mlp"]["backend"] == backend
+
+
+def test_merge_without_hidden_grads(seed, clean_env):
+    """Frozen encoder: h needs no grad, the merge parameters still get theirs."""
+    h = rand(3, 2, 5, 16, dtype=torch.float32)
+    params = [p.float().requires_grad_(True) for p in merge_params(3, 16, 8, torch.float64)]
+    grads = torch.autograd.grad(ops.multilevel_merge(h, *params).sum(), params)
+    ref_params = [p.detach().double().requires_grad_(True) for p in params]
+    ref_grads = torch.autograd.grad(ref_merge(list(h.double().unbind(0)), *ref_params).sum(), ref_params)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
+def test_list_with_some_layers_frozen(seed, clean_env):
+    layers = [rand(2, 5, 16, dtype=torch.float32) for _ in range(3)]
+    layers[1].requires_grad_(True)
+    params = merge_params(3, 16, 8, torch.float32)
+    out = ops.multilevel_merge(layers, *params)
+    (g,) = torch.autograd.grad(out.sum(), [layers[1]])
+    x = layers[1].detach().double().requires_grad_(True)
+    ref = ref_merge([layers[0].double(), x, layers[2].double()], *[p.double() for p in params])
+    (rg,) = torch.autograd.grad(ref.sum(), [x])
+    torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_saves_nothing(seed, clean_env):
+    x = rand(4, 8, dtype=torch.float32).requires_grad_(True)
+    params = mlp_params(8, 16, 4, torch.float32)
+    with torch.no_grad():
+        out = ops.fused_mlp(x, *params)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out.double(), ref_mlp(x.double(), *[p.double() for p in params], "gelu"),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ backends and info
+
+def _merge_inputs(dtype=torch.float32):
+    return [rand(2, 3, 8, dtype=dtype)] + merge_params(2, 8, 4, dtype)
+
+
+def test_auto_on_cpu_is_torch(clean_env):
+    ops.multilevel_merge(*_merge_inputs())
+    assert _backend.last_used()["multilevel_merge"] == {"backend": "torch", "reason": merge.describe()
+                                                       ["multilevel_merge"]["cpu"]["reason"]}
+    assert merge.describe()["multilevel_merge"]["cpu"]["backend"] == "torch"
+
+
+@pytest.mark.parametrize("name", ["cpp", "cuda"])
+def test_backend_the_op_lacks(name, clean_env):
+    with pytest.raises(ValueError, match=f"backend: multilevel_merge has no '{name}' backend"):
+        ops.multilevel_merge(*_merge_inputs(), backend=name)
+    clean_env.setenv("COMM_FAST_BACKEND", name)
+    out = ops.multilevel_merge(*_merge_inputs())  # env var: fall back to auto and say why
+    assert out.shape == (3, 4)
+    used = _backend.last_used()["multilevel_merge"]
+    assert used["backend"] == "torch" and f"COMM_FAST_BACKEND={name}" in used["reason"]
+    assert f"COMM_FAST_BACKEND={name}" in merge.describe()["fused_mlp"]["cpu"]["reason"]
+
+
+def test_unknown_backend(clean_env):
+    with pytest.raises(ValueError, match="backend"):
+        ops.fused_mlp(rand(2, 4), *mlp_params(4, 6, 3, torch.float64), backend="fast")
+
+
+def test_triton_on_cpu_needs_the_interpreter(clean_env):
+    args = [_merge_inputs()[i] for i in (0, 1, 2, 5)]
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.layernorm_weighted_sum(*args, backend="triton")
+    clean_env.setenv("COMM_FAST_BACKEND", "triton")  # the env var falls back instead, warns once, records why
+    clean_env.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="COMM_FAST_BACKEND=triton"):
+        ops.layernorm_weighted_sum(*args)
+    used = _backend.last_used()["layernorm_weighted_sum"]
+    assert used["backend"] == "torch" and "TRITON_INTERPRET=1" in used["reason"]
+
+
+def test_env_triton_under_interpreter(clean_env):
+    clean_env.setenv("COMM_FAST_BACKEND", "triton")
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    assert merge.describe()["fused_mlp"]["cpu"]["backend"] == "triton"
+    ops.fused_mlp(rand(3, 4, dtype=torch.float32), *mlp_params(4, 16, 3, torch.float32))
+    assert _backend.last_used()["fused_mlp"]["backend"] == "triton"
+
+
+def test_describe_shape(clean_env):
+    d = merge.describe()
+    assert set(d) == {"layernorm_weighted_sum", "multilevel_merge", "fused_mlp"}
+    for entry in d.values():
+        assert set(entry) == {"cpu", "cuda"}
+        assert entry["cpu"]["backend"] == "torch" and entry["cpu"]["reason"]
+        assert entry["cuda"]["backend"] in ("triton", "torch") and entry["cuda"]["reason"]
+
+
+# ------------------------------------------------------------------ bad input
+
+def _lnws_args():
+    return dict(h=rand(3, 2, 5, 8, dtype=torch.float32), ln_weight=rand(3, 8, dtype=torch.float32),
+                ln_bias=rand(3, 8, dtype=torch.float32), alpha=rand(3, dtype=torch.float32))
+
+
+def _merge_args():
+    return dict(_lnws_args(), weight=rand(3, 6, 8, dtype=torch.float32), bias=rand(3, 6, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(ln_weight=rand(2, 8)), ValueError, r"ln_weight: expected shape \[L, D\] = \[3, 8\], got \[2, 8\]"),
+    (dict(ln_bias=rand(3, 7)), ValueError, r"ln_bias: expected shape \[L, D\] = \[3, 8\], got \[3, 7\]"),
+    (dict(alpha=rand(4)), ValueError, r"alpha: expected shape \[L\] = \[3\], got \[4\]"),
+    (dict(weight=rand(2, 6, 8)), ValueError, r"weight: expected shape \[L, D_out, D\] = \[3, 6, 8\], got \[2, 6, 8\]"),
+    (dict(weight=rand(3, 6, 9)), ValueError, r"weight: expected shape .* got \[3, 6, 9\]"),
+    (dict(weight=rand(6, 8)), ValueError, r"weight: expected shape \[L, D_out, D\]"),
+    (dict(bias=rand(3, 5)), ValueError, r"bias: expected shape \[L, D_out\] = \[3, 6\], got \[3, 5\]"),
+    (dict(h=[]), ValueError, r"h: expected at least one layer, got an empty list"),
+    (dict(h=rand(0, 2, 8)), ValueError, r"h: expected at least one layer"),
+    (dict(h=rand(3, 2, 5, 8).to(torch.int32)), TypeError, r"h: expected a floating-point tensor .* got torch.int32"),
+    (dict(alpha=torch.ones(3, dtype=torch.int64)), TypeError, r"alpha: expected a floating-point tensor"),
+    (dict(h=rand(3, 2, 8, 5).transpose(-1, -2)), ValueError, r"h: the last dimension \(D = 8\) must be contiguous"),
+    (dict(h=[rand(2, 8), rand(2, 8), rand(3, 8)]), ValueError, r"h\[2\]: expected shape \[2, 8\]"),
+    (dict(h=[rand(2, 8), rand(2, 8), rand(2, 8, dtype=torch.float32)]), TypeError, r"h\[2\]: expected dtype"),
+    (dict(h=[rand(2, 8), rand(2, 8), rand(8, 2).t()]), ValueError, r"h\[2\]: the last dimension"),
+    (dict(ln_weight=rand(3, 8, dtype=torch.float32).to("meta")), ValueError,
+     r"ln_weight: expected a tensor on cpu .* got meta"),
+    (dict(h="hidden"), TypeError, r"h: expected a tensor"),
+    (dict(ln_weight=[[1.0] * 8] * 3), TypeError, r"ln_weight: expected a torch.Tensor, got list"),
+])
+def test_bad_merge_input(change, exc, match, clean_env):
+    args = _merge_args()
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        ops.multilevel_merge(**args)
+    if "weight" not in change and "bias" not in change:
+        lnws_args = {k: args[k] for k in ("h", "ln_weight", "ln_bias", "alpha")}
+        with pytest.raises(exc, match=match):
+            ops.layernorm_weighted_sum(**lnws_args)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(x=torch.ones(3, 4, dtype=torch.int64)), TypeError, r"x: expected a floating-point tensor"),
+    (dict(w1=rand(6, 5)), ValueError, r"w1: expected shape \[H, D1\] = \[6, 4\], got \[6, 5\]"),
+    (dict(b1=rand(7)), ValueError, r"b1: expected shape \[H\] = \[6\], got \[7\]"),
+    (dict(w2=rand(3, 5)), ValueError, r"w2: expected shape \[D2, H\] = \[3, 6\], got \[3, 5\]"),
+    (dict(b2=rand(4)), ValueError, r"b2: expected shape \[D2\] = \[3\], got \[4\]"),
+    (dict(activation="swish"), ValueError, r"activation: expected one of"),
+    (dict(b2=rand(3).to("meta")), ValueError, r"b2: expected a tensor on cpu"),
+])
+def test_bad_mlp_input(change, exc, match, clean_env):
+    args = dict(x=rand(3, 4), w1=rand(6, 4), b1=rand(6), w2=rand(3, 6), b2=rand(3))
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        ops.fused_mlp(**args)
+
+
+# ------------------------------------------------------------------ custom ops
+
+def test_ops_are_registered():
+    for name in ("layernorm_weighted_sum", "multilevel_merge", "fused_mlp", "layernorm_weighted_sum_backward",
+                 "multilevel_merge_backward", "fused_mlp_backward"):
+        assert hasattr(torch.ops.comm_fast, name), name
+
+
+def test_compile_fullgraph_no_graph_breaks(seed, clean_env):
+    """The ops trace as single nodes (forward and backward): no graph break with fullgraph=True."""
+    h = rand(3, 2, 6, 8, dtype=torch.float32)
+    p = [t.float().requires_grad_(True) for t in merge_params(3, 8, 8, torch.float64)]
+    m = [t.float().requires_grad_(True) for t in mlp_params(8, 16, 8, torch.float64)]
+
+    def tower_like(h, lw, lb, w, b, a, w1, b1, w2, b2):
+        v1 = ops.multilevel_merge(h[:, :, 1:], lw, lb, w, b, a)
+        v2 = ops.layernorm_weighted_sum(list(h[:, :, 1:].unbind(0)), lw, lb, torch.softmax(a, 0))
+        return v1 + ops.fused_mlp(v2, w1, b1, w2, b2, "gelu")
+
+    compiled = torch.compile(tower_like, fullgraph=True, backend="aot_eager")
+    out = compiled(h, *p, *m)
+    ref = tower_like(h, *p, *m)
+    torch.testing.assert_close(out, ref)
+    g = torch.autograd.grad(out.sum(), p + m)
+    rg = torch.autograd.grad(ref.sum(), p + m)
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_opcheck_cpu(stacked, seed):
+    h = rand(2, 3, 8, dtype=torch.float32).requires_grad_(True)
+    harg = [h] if stacked else [rand(3, 8, dtype=torch.float32).requires_grad_(True) for _ in range(2)]
+    p = [t.float().requires_grad_(True) for t in merge_params(2, 8, 4, torch.float64)]
+    m = [t.float().requires_grad_(True) for t in mlp_params(8, 12, 4, torch.float64)]
+    torch.library.opcheck(torch.ops.comm_fast.multilevel_merge.default,
+                          (harg, stacked, *p, 1e-5, "torch"))
+    torch.library.opcheck(torch.ops.comm_fast.layernorm_weighted_sum.default,
+                          (harg, stacked, p[0], p[1], p[4], 1e-5, "torch"))
+    torch.library.opcheck(torch.ops.comm_fast.fused_mlp.default,
+                          (rand(5, 8, dtype=torch.float32).requires_grad_(True), *m, "gelu", True, "torch"))
