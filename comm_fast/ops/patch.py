@@ -246,8 +246,15 @@ def _torch_resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     rounded to uint8 as PIL does, then the processors' center crop."""
     h, w = x.shape[-2:]
     nh, nw = shortest_edge_size(h, w, size)
-    if x.device.type == "cpu":  # torch's uint8 path is PIL's algorithm
-        y = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True).float()
+    if x.device.type == "cpu":
+        # torch's uint8 path is Pillow's arithmetic; one axis per call, in Pillow's pass order
+        # (vertical first when the height shrinks by more than twice the width), each rounded to uint8.
+        steps = [(nh, w), (nh, nw)] if (h - nh) > 0 and (h - nh) > 2 * (w - nw) else [(h, nw), (nh, nw)]
+        y = x
+        for hw in steps:
+            if tuple(y.shape[-2:]) != hw:
+                y = F.interpolate(y, size=hw, mode="bicubic", antialias=True)
+        y = y.float()
     else:
         y = F.interpolate(x.float(), size=(nh, nw), mode="bicubic", antialias=True).round_().clamp_(0, 255)
     top, left = (nh - size) // 2, (nw - size) // 2
