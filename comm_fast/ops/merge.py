@@ -12,6 +12,7 @@ comm_fast::fused_mlp[_backward].
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Sequence
 
@@ -316,6 +317,11 @@ def _ran(op: str, backend: str) -> None:
     _backend.record(op, backend, _REASONS.get((op, backend), "chosen when the compiled graph was traced"))
 
 
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _register(name: str, impl, fake):
     op = torch.library.custom_op(f"comm_fast::{name}", impl, mutates_args=(), device_types="cpu")
     op.register_kernel("cuda")(impl)
@@ -328,7 +334,8 @@ def _lnws_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tenso
     _ran("layernorm_weighted_sum", backend)
     if backend == "triton":
         from comm_fast.kernels.layernorm_weighted_sum import lnws_forward
-        return lnws_forward(_layers(h, stacked), ln_weight, ln_bias, alpha, eps)
+        with _on_device(h[0]):
+            return lnws_forward(_layers(h, stacked), ln_weight, ln_bias, alpha, eps)
     return _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps)
 
 
@@ -340,7 +347,8 @@ def _lnws_bwd_impl(grad: Tensor, h: list[Tensor], stacked: bool, ln_weight: Tens
                    eps: float, need_h: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
         from comm_fast.kernels.layernorm_weighted_sum import lnws_backward
-        dh, dw, db, da = lnws_backward(grad, _layers(h, stacked), ln_weight, ln_bias, alpha, eps, need_h)
+        with _on_device(grad):
+            dh, dw, db, da = lnws_backward(grad, _layers(h, stacked), ln_weight, ln_bias, alpha, eps, need_h)
         return (dh if need_h else grad.new_empty(0)), dw, db, da
     return _lnws_torch_backward(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_h)
 
@@ -383,7 +391,8 @@ def _merge_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tens
     _ran("multilevel_merge", backend)
     if backend == "triton":
         from comm_fast.kernels.multilevel_merge import merge_forward
-        return merge_forward(_layers(h, stacked), ln_weight, ln_bias, weight, bias, alpha, eps)
+        with _on_device(h[0]):
+            return merge_forward(_layers(h, stacked), ln_weight, ln_bias, weight, bias, alpha, eps)
     return _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps)
 
 
@@ -400,8 +409,9 @@ def _merge_bwd_impl(grad: Tensor, h: list[Tensor], stacked: bool, mean: Tensor, 
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
         from comm_fast.kernels.multilevel_merge import merge_backward
-        dh, *rest = merge_backward(grad, _layers(h, stacked), mean, rstd, ln_weight, ln_bias, weight, bias, alpha,
-                                   need_h)
+        with _on_device(grad):
+            dh, *rest = merge_backward(grad, _layers(h, stacked), mean, rstd, ln_weight, ln_bias, weight, bias,
+                                       alpha, need_h)
         return (dh if need_h else grad.new_empty(0), *rest)
     return _merge_torch_backward(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bias, alpha, need_h)
 
@@ -441,7 +451,8 @@ def _mlp_impl(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activat
     _ran("fused_mlp", backend)
     if backend == "triton":
         from comm_fast.kernels.fused_mlp import mlp_forward
-        out, pre = mlp_forward(x, w1, b1, w2, b2, activation, save_pre)
+        with _on_device(x):
+            out, pre = mlp_forward(x, w1, b1, w2, b2, activation, save_pre)
         return out, (pre if save_pre else x.new_empty(0))
     return _mlp_torch(x, w1, b1, w2, b2, activation, save_pre)
 
@@ -455,7 +466,8 @@ def _mlp_bwd_impl(grad: Tensor, x: Tensor, pre: Tensor, w1: Tensor, w2: Tensor, 
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
         from comm_fast.kernels.fused_mlp import mlp_backward
-        dx, *rest = mlp_backward(grad, x, pre, w1, w2, activation, need_x)
+        with _on_device(grad):
+            dx, *rest = mlp_backward(grad, x, pre, w1, w2, activation, need_x)
         return (dx if need_x else x.new_empty(0), *rest)
     return _mlp_torch_backward(grad, x, pre, w1, w2, activation, need_x)
 
