@@ -23,6 +23,11 @@ from torch import Tensor
 from comm_fast import _backend
 
 OPS = ("layernorm_weighted_sum", "multilevel_merge", "fused_mlp")
+_CPU_PATH = {
+    "layernorm_weighted_sum": "(α folded into each LayerNorm's affine, accumulated in place)",
+    "multilevel_merge": "(all layers normalised at once, one matmul over K = L·D)",
+    "fused_mlp": "(addmm, activation, addmm; backward recomputes the activation)",
+}
 
 
 def _silu_like(x, k):
@@ -97,7 +102,7 @@ def _resolve(op: str, backend: str | None, device_type: str, probe=_triton_impor
         if ok:
             return "triton", note + "auto: CUDA tensors, Triton kernels"
         return "torch", note + f"auto: CUDA tensors but {why}"
-    return "torch", note + "auto: CPU tensors, torch path (one matmul over K = L·D)"
+    return "torch", note + "auto: CPU tensors, torch path " + _CPU_PATH[op]
 
 
 def describe() -> dict:
