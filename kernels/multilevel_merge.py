@@ -213,7 +213,7 @@ def merge_forward(layers, ln_weight, ln_bias, weight, bias, alpha, eps: float = 
         return out, torch.zeros(L, M, dtype=acc, device=dev), torch.zeros(L, M, dtype=acc, device=dev)
     base, table, m2, keep, align = _utils.layer_table(layers)
     mean, rstd = _layer_stats(base, table, m2, align, M, D, L, eps)
-    w = weight.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()  # strided [L, N, D] (even expanded) is fine
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _merge_fwd[grid](base, table, m2, mean, rstd, ln_weight.contiguous(), ln_bias.contiguous(), alpha.contiguous(),
                      w, bsum, out, M, N, D, L, w.stride(0), w.stride(1), ALIGN=align, **_dot_args(dtype))
@@ -241,7 +241,7 @@ def merge_backward(grad, layers, mean, rstd, ln_weight, ln_bias, weight, bias, a
             dh.zero_()
     else:
         base, table, m2, keep, align = _utils.layer_table(layers)
-        w = weight.contiguous()
+        w = weight if weight.stride(-1) == 1 else weight.contiguous()
         lnw, lnb, alpha_c = ln_weight.contiguous(), ln_bias.contiguous(), alpha.contiguous()
         d_weight = _utils.empty((L, N, D), weight.dtype, dev)
         n_tiles = triton.cdiv(N, _DW_BLOCK_N)

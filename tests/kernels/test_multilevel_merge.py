@@ -90,6 +90,22 @@ def test_param_grads_without_h_grad(seed, H):
         torch.testing.assert_close(a, b)
 
 
+def test_expanded_shared_weight(seed, H, poison):
+    """weight may be a stride-0 expand of one [N, D] Linear (no copy); grads still match."""
+    L, D, N = 3, 20, 12
+    leaves, build = H.hidden(L, (2, 5), D, torch.float64, "strided")
+    lw, lb, _, b, a = _params(H, L, D, N, torch.float64)
+    shared = H.rand(N, D, dtype=torch.float64, scale=D ** -0.5)
+    layers = build(leaves)[1]
+    out, mean, rstd = merge_forward(layers, lw, lb, shared.expand(L, N, D), b, a, EPS)
+    H.check("out", out, H.ref_merge(layers, lw, lb, shared.expand(L, N, D), b, a, EPS))
+    grad = H.rand(2, 5, N, dtype=torch.float64)
+    dW = merge_backward(grad, layers, mean, rstd, lw, lb, shared.expand(L, N, D), b, a)[3]
+    W = shared.expand(L, N, D).clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(H.ref_merge(layers, lw, lb, W, b, a, EPS), [W], grad)
+    H.check("d weight", dW, ref)
+
+
 def test_gradcheck_float64(seed, H):
     L, D, N = 2, 5, 4
     h = [H.rand(3, D, dtype=torch.float64).requires_grad_(True) for _ in range(L)]
