@@ -110,4 +110,5 @@ def test_gradcheck_float64(seed, H):
     L, D, N = 2, 5, 4
     h = [H.rand(3, D, dtype=torch.float64).requires_grad_(True) for _ in range(L)]
     params = [p.requires_grad_(True) for p in _params(H, L, D, N, torch.float64)]
-    assert torch.autograd.gradcheck(lambda *args: _Merge.apply(*args), (*params, *h), eps=1e-6, atol=1e-7, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *args: _Merge.apply(*args), (*params, *h), eps=1e-6, atol=1e-7,
+                                    fast_mode=True)
