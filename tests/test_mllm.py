@@ -212,3 +212,15 @@ def test_presets():
     assert COMMConfig.from_dict(big.to_dict()).to_dict() == big.to_dict()
     with pytest.raises(ValueError, match="preset"):
         COMMConfig.preset("huge")
+
+
+def test_stages_freeze_what_the_paper_freezes(model):
+    from comm_fast.training.train import configure_stage
+
+    heads = {n for n, _ in model.named_parameters() if n.split(".")[1] in model.vision.HEADS}
+    pre = configure_stage(model, "pretrain", None)
+    assert pre == heads and len(heads) == 16  # 2 merges x 5, MLP 4, projector 2
+    fin = configure_stage(model, "finetune", None)
+    assert fin == heads | {n for n, _ in model.named_parameters() if n.startswith("llm.")}
+    assert configure_stage(model, "pretrain", True) == fin
+    assert not any(n.startswith(("vision.clip.", "vision.dino.")) for n in fin)

@@ -70,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) records with bad images")
     p.add_argument("--synthetic-n", type=int, default=500, help="images in the generated synthetic set")
-    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads per process (default: 1 for the tiny preset on CPU, whose small "
+                        "matmuls gain little from a second thread and lose badly when cores are shared)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
 
@@ -176,6 +178,8 @@ def train(args) -> dict:
     from comm_fast.data.dataset import ConversationDataset, DataOrder, collate, resolve_data
     from comm_fast.data.synthetic import make_synthetic
 
+    if args.threads is None and args.preset == "tiny" and not torch.cuda.is_available():
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("steps", "batch_size", "grad_accum"):
