@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
 
 // The hot loops are compiled twice, for AVX2 and for the baseline ISA, and picked at load time:
 // the extension is built without -march flags so that it runs on any x86-64.
@@ -17,25 +18,47 @@
 namespace comm_fast {
 namespace {
 
-// acc[c] += w * x[c], the channel loop every resampling mode spends its time in.
-COMM_FAST_MULTIVERSION void axpy(float* __restrict acc, const float* __restrict x, float w, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) acc[c] += w * x[c];
+inline float to_float(float v) { return v; }
+inline float to_float(double v) { return static_cast<float>(v); }
+inline float to_float(at::Half v) { return static_cast<float>(v); }
+inline float to_float(at::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;  // bf16 -> fp32 is a shift
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
-COMM_FAST_MULTIVERSION void axpy(float* __restrict acc, const double* __restrict x, float w, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) acc[c] += w * static_cast<float>(x[c]);
-}
-COMM_FAST_MULTIVERSION void axpy(float* __restrict acc, const at::BFloat16* __restrict x, float w, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
-  for (int64_t c = 0; c < n; ++c) {
-    uint32_t u = static_cast<uint32_t>(bits[c]) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    acc[c] += w * f;
+
+// acc[c] = (first ? 0 : acc[c]) + sum_k w[k] * x[k][c] for up to 4 taps in one pass over the
+// channels: the loop every resampling mode spends its time in (branches are loop-invariant).
+template <typename T>
+__attribute__((always_inline)) inline void axpy_taps(float* __restrict acc, const T* const* x, const float* w, int k,
+                                                     int64_t n, bool first) {
+  const T* __restrict x0 = x[0];
+  const T* __restrict x1 = x[k > 1 ? 1 : 0];
+  const T* __restrict x2 = x[k > 2 ? 2 : 0];
+  const T* __restrict x3 = x[k > 3 ? 3 : 0];
+  const float w0 = w[0], w1 = k > 1 ? w[1] : 0.0f, w2 = k > 2 ? w[2] : 0.0f, w3 = k > 3 ? w[3] : 0.0f;
+  if (k == 4) {
+    for (int64_t c = 0; c < n; ++c)
+      acc[c] = (first ? 0.0f : acc[c]) + w0 * to_float(x0[c]) + w1 * to_float(x1[c]) + w2 * to_float(x2[c]) +
+               w3 * to_float(x3[c]);
+  } else if (k == 2) {
+    for (int64_t c = 0; c < n; ++c) acc[c] = (first ? 0.0f : acc[c]) + w0 * to_float(x0[c]) + w1 * to_float(x1[c]);
+  } else {
+    for (int j = 0; j < k; ++j, first = false)
+      for (int64_t c = 0; c < n; ++c) acc[c] = (first ? 0.0f : acc[c]) + w[j] * to_float(x[j][c]);
   }
 }
-COMM_FAST_MULTIVERSION void axpy(float* __restrict acc, const at::Half* __restrict x, float w, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) acc[c] += w * static_cast<float>(x[c]);
-}
+
+#define COMM_FAST_AXPY(T)                                                                                   \
+  COMM_FAST_MULTIVERSION void axpy(float* acc, const T* const* x, const float* w, int k, int64_t n, bool first) { \
+    axpy_taps<T>(acc, x, w, k, n, first);                                                                   \
+  }
+COMM_FAST_AXPY(float)
+COMM_FAST_AXPY(double)
+COMM_FAST_AXPY(at::Half)
+COMM_FAST_AXPY(at::BFloat16)
+#undef COMM_FAST_AXPY
 
 template <typename T>
 void store(T* __restrict dst, const float* __restrict acc, int64_t n) {
@@ -53,18 +76,37 @@ void resample_impl(const at::Tensor& in, const at::Tensor& out, int64_t sw, int6
   // One task per output row of one image; the channel loop is the vectorised one.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, dw * C));
   at::parallel_for(0, B * dh, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(C);
+    std::vector<float> scratch(C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / dh, oy = r % dh;
       const T* img = src + b * in_sb;
       for (int64_t ox = 0; ox < dw; ++ox) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        T* o = dst + b * out_sb + (oy * dw + ox) * out_sn;
+        // fp32 outputs accumulate in place; other dtypes in an fp32 row, converted once.
+        float* acc = std::is_same<T, float>::value ? reinterpret_cast<float*>(o) : scratch.data();
+        // Taps in groups of 4, so the channel row is read and written once per group.
+        const T* ptr[4];
+        float w[4];
+        int k = 0;
+        bool first = true;
         for (int32_t j = ty.offset[oy]; j < ty.offset[oy + 1]; ++j) {
           const T* row = img + static_cast<int64_t>(ty.index[j]) * sw * in_sn;
-          for (int32_t i = tx.offset[ox]; i < tx.offset[ox + 1]; ++i)
-            axpy(acc.data(), row + static_cast<int64_t>(tx.index[i]) * in_sn, ty.weight[j] * tx.weight[i], C);
+          for (int32_t i = tx.offset[ox]; i < tx.offset[ox + 1]; ++i) {
+            ptr[k] = row + static_cast<int64_t>(tx.index[i]) * in_sn;
+            w[k++] = ty.weight[j] * tx.weight[i];
+            if (k == 4) {
+              axpy(acc, ptr, w, k, C, first);
+              k = 0;
+              first = false;
+            }
+          }
         }
-        store(dst + b * out_sb + (oy * dw + ox) * out_sn, acc.data(), C);
+        if (k > 0) {
+          axpy(acc, ptr, w, k, C, first);
+          first = false;
+        }
+        if (first) std::fill(acc, acc + C, 0.0f);  // no taps (cannot happen for valid sizes)
+        if (!std::is_same<T, float>::value) store(o, acc, C);
       }
     }
   });
