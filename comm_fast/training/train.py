@@ -168,6 +168,14 @@ def fingerprint(args, model, dataset, world: int) -> dict:
             "pack_length": args.pack_length}
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut off by a crash counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def _differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -270,7 +278,7 @@ def train(args) -> dict:
             kept = []
             if args.resume and os.path.isfile(metrics_path):
                 with open(metrics_path, encoding="utf-8") as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+                    kept = [line for line in f if _step_of(line) <= start]
             with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(kept)
             os.replace(metrics_path + ".tmp", metrics_path)
