@@ -28,8 +28,17 @@ def requested(backend: str | None) -> str:
 
 
 def record(op: str, backend: str, reason: str) -> None:
+    # Skipped while torch.compile traces (a lock is not traceable); custom ops record when they run.
+    if _compiling():
+        return
     with _lock:
         _last_used[op] = {"backend": backend, "reason": reason}
+
+
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def last_used() -> dict[str, dict]:
@@ -38,6 +47,8 @@ def last_used() -> dict[str, dict]:
 
 
 def warn_once(key: str, message: str) -> None:
+    if _compiling():
+        return
     with _lock:
         if key in _warned:
             return

@@ -162,6 +162,8 @@ class ViTEncoder(nn.Module):
         src = (self.config.grid, self.config.grid)
         if tuple(grid_hw) == src:
             return pos
+        if torch.compiler.is_compiling():  # traced once into the graph; data_ptr/_version are not traceable
+            return ops.interpolate_pos_embed(pos, src, grid_hw, mode=self.config.pos_interp, num_prefix_tokens=1)
         cacheable = not (torch.is_grad_enabled() and pos.requires_grad)
         key = (tuple(grid_hw), self.config.pos_interp, pos.dtype, pos.device, pos.data_ptr(), pos._version)
         if cacheable and key in self._pos_cache:
