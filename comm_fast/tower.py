@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from comm_fast import ops
+from comm_fast._io import atomic_directory, save_safetensors
 from comm_fast.config import CONFIG_TYPE, COMMVisionConfig
 from comm_fast.models import CLIPVisionEncoder, DINOv2Encoder, ViTConfig, loading
 from comm_fast.models.vit import ViTEncoder
@@ -173,24 +173,9 @@ class COMMVisionTower(nn.Module):
 
     def save_pretrained(self, directory) -> None:
         """config.json + model.safetensors, written to a temporary directory and renamed into place."""
-        from safetensors.torch import save_file
-
-        directory = os.fspath(directory)
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-        self.config.save(tmp)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if os.path.isdir(directory):
-            old = tmp + "-old"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            import shutil
-
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, directory)
+        with atomic_directory(directory) as tmp:
+            self.config.save(tmp)
+            save_safetensors(self.state_dict(), os.path.join(tmp, "model.safetensors"))
 
     # -- forward ---------------------------------------------------------------------------
     @property
