@@ -1,8 +1,6 @@
 """CLIP vision encoder (ViT with pre-layernorm and quick_gelu), loading Hugging Face checkpoints."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from comm_fast.models import loading
@@ -62,13 +60,10 @@ class CLIPVisionEncoder(ViTEncoder):
     @staticmethod
     def _infer_config(sd: dict[str, torch.Tensor], pos_interp: str | None) -> ViTConfig:
         """For a bare state dict: every size but the head count is in the shapes (heads of width 64)."""
-        try:
-            d, _, p, _ = sd["patch_embed.weight"].shape
-            n = sd["pos_embed"].shape[1] - 1
-            layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-            mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"path: not a CLIP vision state dict (no {exc})") from None
+        d, c, p, grid, layers = CLIPVisionEncoder._read_shapes(sd, "CLIP vision")
+        if "blocks.0.mlp.fc1.weight" not in sd:
+            raise ValueError("path: not a CLIP vision state dict (no 'blocks.0.mlp.fc1.weight')")
+        mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
         return ViTConfig(family="clip", hidden_size=d, num_layers=layers, num_heads=max(1, d // 64), mlp_hidden=mlp,
-                         patch_size=p, image_size=math.isqrt(n) * p, layer_norm_eps=1e-5, activation="quick_gelu",
-                         pre_norm=True, patch_bias=False, pos_interp=pos_interp or "hf")
+                         patch_size=p, image_size=grid * p, layer_norm_eps=1e-5, activation="quick_gelu",
+                         pre_norm=True, patch_bias=False, pos_interp=pos_interp or "hf", num_channels=c)

@@ -1,8 +1,6 @@
 """DINOv2 encoder (ViT with LayerScale, optional registers and SwiGLU), loading HF and torch-hub weights."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from comm_fast.models import loading
@@ -71,18 +69,13 @@ class DINOv2Encoder(ViTEncoder):
     @staticmethod
     def _infer_config(sd: dict[str, torch.Tensor], pos_interp: str | None) -> ViTConfig:
         """Original DINOv2 weights carry no config: read it off the shapes (heads of width 64)."""
-        try:
-            d, c, p, _ = sd["patch_embed.weight"].shape
-            n = sd["pos_embed"].shape[1] - 1
-            layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"path: not a DINOv2 state dict (no {exc})") from None
+        d, c, p, grid, layers = DINOv2Encoder._read_shapes(sd, "DINOv2")
         swiglu = "blocks.0.mlp.w12.weight" in sd
         hidden = sd["blocks.0.mlp.w12.weight"].shape[0] // 2 if swiglu else sd["blocks.0.mlp.fc1.weight"].shape[0]
         registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
         # torch-hub: registers models interpolate size-based with antialias, the others with the 0.1 offset
         mode = pos_interp or ("antialias" if registers else "dinov2_offset")
         return ViTConfig(family="dinov2", hidden_size=d, num_layers=layers, num_heads=max(1, d // 64),
-                         mlp_hidden=hidden, patch_size=p, image_size=math.isqrt(n) * p, layer_norm_eps=1e-6,
+                         mlp_hidden=hidden, patch_size=p, image_size=grid * p, layer_norm_eps=1e-6,
                          activation="swiglu" if swiglu else "gelu", layerscale="blocks.0.ls1" in sd,
                          num_register_tokens=registers, pos_interp=mode, num_channels=c)

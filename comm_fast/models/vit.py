@@ -7,6 +7,7 @@ states are returned, and no block past the deepest requested one is computed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -154,6 +155,17 @@ class ViTEncoder(nn.Module):
         model = model.to_empty(device="cpu")
         loading.load_strict(model, sd, source)
         return model.to(dtype) if dtype is not None else model
+
+    @staticmethod
+    def _read_shapes(sd: dict[str, torch.Tensor], family: str) -> tuple[int, int, int, int, int]:
+        """(hidden, channels, patch, trained grid side, blocks) of a bare state dict in this module's names."""
+        try:
+            d, c, p, _ = sd["patch_embed.weight"].shape
+            grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+            layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"path: not a {family} state dict (no {exc})") from None
+        return d, c, p, grid, layers
 
     # -- position embeddings -------------------------------------------------------------
     def position_embedding(self, grid_hw: tuple[int, int]) -> torch.Tensor:
