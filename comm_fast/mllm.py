@@ -31,14 +31,62 @@ CONFIG_TYPE = "comm_causal_lm"
 WEIGHTS_NAME = "model.safetensors"
 
 
+VARLEN_SDPA = "comm_sdpa_varlen"
+
+
 @functools.lru_cache(maxsize=None)
 def attention_implementation() -> str:
-    """"flash_attention_2" when flash-attn imports, else "sdpa" (transformers raises on the former otherwise)."""
+    """"flash_attention_2" when flash-attn imports, else SDPA ("comm_sdpa_varlen": transformers' SDPA
+    path, plus per-sample attention for packed rows; plain "sdpa" where it cannot be registered)."""
     try:
         import flash_attn  # noqa: F401
     except Exception:
-        return "sdpa"
+        return VARLEN_SDPA if _register_varlen_sdpa() else "sdpa"
     return "flash_attention_2"
+
+
+def _register_varlen_sdpa() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+    return True
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA that, for packed rows, attends within each sample only, computed per sample.
+
+    A packed sample's position ids are exactly its tokens' offsets, so (sample, position) places every
+    token in a [samples, longest, ...] grid; causal SDPA there costs sum(longest^2) instead of the
+    row_length^2 of a block-diagonal mask (which it equals: padding sits after each sample's last
+    token, where causal attention never looks). Anything else (padded batches, decoding with a cache)
+    goes to transformers' SDPA unchanged.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    packed = kwargs.pop("comm_packed", False)  # set by COMMForCausalLM.forward for packed rows only
+    pos = kwargs.get("position_ids")
+    b, h, t, d = query.shape
+    if not packed or pos is None or key.shape[2] != t or pos.shape[-1] != t:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    pos = pos.expand(b, t).reshape(-1)
+    seg = (pos == 0).cumsum(0) - 1                      # sample index of every token (rows start a sample)
+    n_seg, longest = int(seg[-1]) + 1, int(pos.max()) + 1
+    key, value = (repeat_kv(x, h // x.shape[1]) for x in (key, value))
+
+    def grid(x):  # [B, H, T, D] -> [samples, H, longest, D]
+        out = x.new_zeros(n_seg, longest, h, x.shape[-1])
+        out[seg, pos] = x.transpose(1, 2).reshape(b * t, h, x.shape[-1])
+        return out.transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grid(query), grid(key), grid(value), is_causal=True, scale=scaling,
+        dropout_p=dropout if module.training else 0.0)
+    return out.transpose(1, 2)[seg, pos].reshape(b, t, h, d), None
 
 
 @dataclasses.dataclass
@@ -258,11 +306,14 @@ class COMMForCausalLM(nn.Module):
         packed = position_ids is not None and attention_mask is None
         kw: dict[str, Any] = dict(use_cache=False)
         if packed:
-            if self.llm.config._attn_implementation == "flash_attention_2":
+            impl = self.llm.config._attn_implementation
+            if impl == "flash_attention_2":
                 # one varlen row: transformers derives cu_seqlens from the restarting position_ids
                 shape = embeds.shape
                 embeds, kw["position_ids"] = embeds.reshape(1, -1, shape[-1]), position_ids.reshape(1, -1)
-            else:
+            elif impl == VARLEN_SDPA:
+                kw["position_ids"], kw["comm_packed"] = position_ids, True  # per sample: varlen_sdpa_attention
+            else:  # any other attention: the block-diagonal causal mask, row_length^2 work
                 kw["attention_mask"], kw["position_ids"] = block_causal_mask(position_ids), position_ids
         else:
             kw["attention_mask"], kw["position_ids"] = attention_mask, position_ids

@@ -114,19 +114,28 @@ def test_generate_with_kv_cache_matches_full_recompute(model):
                 break
             seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
     assert new[0, :len(ref)].tolist() == ref
-    text = model.generate(images=[torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()],
-                          prompt="What is this?", max_new_tokens=4)
+    images = [torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy() for _ in range(2)]
+    text = model.generate(images=images[:1], prompt="What is this?", max_new_tokens=4)
     assert isinstance(text, str)
+    # a left-padded batch answers as each prompt alone
+    prompts = ["What is this?", "Where is the big red circle in the picture?"]
+    both = model.generate(images=images, prompt=prompts, max_new_tokens=6)
+    alone = [model.generate(images=[im], prompt=p, max_new_tokens=6) for im, p in zip(images, prompts)]
+    assert both == alone
 
 
-def test_packed_loss_equals_padded_loss(model):
+@pytest.mark.parametrize("attention", ["comm_sdpa_varlen", "sdpa"], ids=["per-sample", "block-mask"])
+def test_packed_loss_equals_padded_loss(model, attention):
+    model.llm.set_attn_implementation(attention)
+    assert model.llm.config._attn_implementation == attention
     tok = model.tokenizer
     convs = [CONV, CONV[:2], [{"from": "human", "value": "<image>\nCaption?"}, {"from": "gpt", "value": "A blue square."}]]
     samples = [sample(model, c) for c in convs]
     px = pixels(3)
     padded = collate(samples, tok.pad_id, pack=False)
-    packed = collate(samples, tok.pad_id, pack=True, capacity=10_000)
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    packed = collate(samples, tok.pad_id, pack=True, capacity=2 * len(samples[0].input_ids))
+    assert packed["input_ids"].shape[0] == 2 and "attention_mask" not in packed  # two rows, one with a pad tail
+    assert (packed["input_ids"] == tok.pad_id).any()
     losses, grads = [], []
     for batch in (padded, packed):
         model.zero_grad()

@@ -145,12 +145,12 @@ def collate(samples: list[Sample], pad_id: int, pack: bool = False, capacity: in
     """A batch dict for COMMForCausalLM.
 
     Padded: ``input_ids``, ``labels``, ``attention_mask`` [B, T]. Packed: samples go, in order, into
-    the first row with room (rows of ``capacity`` tokens); ``position_ids`` restart at 0 per sample
-    and the row's padding tail is its own segment with no targets. ``image_paths`` follows the order
-    of the image tokens in the flattened rows.
+    the first row with room (rows of ``capacity`` tokens; None: one row for all); ``position_ids``
+    restart at 0 per sample and a row's padding tail is its own segment with no targets.
+    ``image_paths`` follows the order of the image tokens in the flattened rows.
     """
     if pack:
-        capacity = capacity or max(len(s.input_ids) for s in samples)
+        capacity = capacity or sum(len(s.input_ids) for s in samples)
         rows: list[list[Sample]] = []
         used: list[int] = []
         for s in samples:

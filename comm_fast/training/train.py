@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 import torch
 
+from comm_fast.mllm import VARLEN_SDPA
 from comm_fast.training import checkpoint
 
 STAGES = ("pretrain", "finetune")
@@ -63,9 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, help="longest sequence in tokens (default: the preset's)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
-                   help="pack several samples per row, attention kept within each sample (default: on with "
-                        "flash-attn's varlen kernels; off on SDPA, whose block-diagonal mask costs row_length^2)")
-    p.add_argument("--pack-length", type=int, help="tokens per packed row (default: 2 x max-length)")
+                   help="pack each micro-batch into rows, attention kept within each sample (default: on "
+                        "when attention runs per sample: flash-attn varlen, or comm_fast's varlen SDPA)")
+    p.add_argument("--pack-length", type=int,
+                   help="tokens per packed row (default: one row per micro-batch with per-sample attention, "
+                        "else 2 x max-length, as a block-diagonal mask costs row_length^2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the LLM blocks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) records with bad images")
@@ -213,11 +216,11 @@ def train(args) -> dict:
         if model.tokenizer is None:
             raise UsageError("model: no tokenizer found next to the weights (tokenizer files are needed to train)")
         args.max_length = args.max_length or model.config.max_length
-        args.pack_length = args.pack_length or 2 * args.max_length
+        varlen = model.llm.config._attn_implementation in ("flash_attention_2", VARLEN_SDPA)
         if args.pack is None:
-            from comm_fast.mllm import attention_implementation
-
-            args.pack = attention_implementation() == "flash_attention_2"
+            args.pack = varlen
+        if args.pack_length is None and not varlen:
+            args.pack_length = 2 * args.max_length
         if args.data == "synthetic":
             data_dir = os.path.join(out, "data-synthetic")
             if dist.rank == 0 and not os.path.isdir(data_dir):
