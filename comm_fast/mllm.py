@@ -242,7 +242,7 @@ class COMMForCausalLM(nn.Module):
         device = self.vision.projector.weight.device
         return self.vision(pixel_values[0].to(device, dtype), pixel_values[1].to(device, dtype))
 
-    def expand_image_tokens(self, input_ids, attention_mask=None, labels=None, num_images: int = 0):
+    def expand_image_tokens(self, input_ids, attention_mask=None, labels=None):
         """One ``<image>`` token per image -> N tokens, rows re-padded on the side they were padded."""
         n, img = self.num_image_tokens, self.config.image_token_id
         pad = self.config.text.get("pad_token_id") or 0
@@ -300,7 +300,7 @@ class COMMForCausalLM(nn.Module):
         if n_img and count == n_img and self.num_image_tokens > 1:
             if position_ids is not None:
                 raise ValueError("input_ids: packed rows must carry N image tokens per image (already expanded)")
-            input_ids, attention_mask, labels = self.expand_image_tokens(input_ids, attention_mask, labels, n_img)
+            input_ids, attention_mask, labels = self.expand_image_tokens(input_ids, attention_mask, labels)
         embeds = self.embed(input_ids, features)
 
         packed = position_ids is not None and attention_mask is None
@@ -374,7 +374,7 @@ class COMMForCausalLM(nn.Module):
         n_img = 0 if features is None else features.shape[0]
         count = int((input_ids == self.config.image_token_id).sum())
         if n_img and count == n_img and self.num_image_tokens > 1:
-            input_ids, attention_mask, _ = self.expand_image_tokens(input_ids, attention_mask, None, n_img)
+            input_ids, attention_mask, _ = self.expand_image_tokens(input_ids, attention_mask)
         embeds = self.embed(input_ids, features)
         eos = self.config.text.get("eos_token_id")
         pad = self.config.text.get("pad_token_id")

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with <stage>.json")
     p.add_argument("--image-folder", help="root of the JSON's image paths (default: the JSON's directory)")
     p.add_argument("--stage", default="finetune", choices=STAGES)
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps in all")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps in all")
     p.add_argument("--out", help="run directory (default: runs/<preset>-<stage>)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the LLM blocks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) records with bad images")
-    p.add_argument("--synthetic-n", type=int, default=500, help="images in the generated synthetic set")
+    p.add_argument("--synthetic-n", type=int, default=400, help="images in the generated synthetic set")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads per process (default: 1 for the tiny preset on CPU, whose small "
                         "matmuls gain little from a second thread and lose badly when cores are shared)")
