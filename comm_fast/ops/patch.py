@@ -1,9 +1,18 @@
 """Joint patch interpolation ops: position embeddings, token-grid resampling, joint preprocessing.
 
-Each op validates its arguments here (clear ValueError/TypeError naming the argument), then runs
-on the csrc extension comm_fast._C (C++ on CPU tensors, CUDA on GPU tensors) or on the torch
-implementation below, which is both the readable reference and the fallback when the extension
-is missing. ``backend=``: None/"auto", "torch", "cpp" or "cuda" (COMM_FAST_BACKEND overrides auto).
+Each op validates its arguments here (clear ValueError/TypeError naming the argument), picks a
+backend and calls a ``torch.library`` custom op (namespace ``comm_fast``), so torch.compile
+(fullgraph=True) traces it as one node. The custom ops have CPU and CUDA kernels; inside,
+``backend`` selects the csrc extension comm_fast._C (C++ on CPU tensors, CUDA on GPU tensors) or
+the torch implementation below, which is both the readable reference and the fallback when the
+extension is missing. The kernels record what ran (comm_fast.info()), in compiled runs too.
+``backend=``: None/"auto", "torch", "cpp" or "cuda" (COMM_FAST_BACKEND overrides auto).
+
+Custom ops: comm_fast::interpolate_pos_embed, comm_fast::resample_tokens (functional) and
+comm_fast::resample_tokens_out (writes its ``out`` argument), comm_fast::joint_preprocess, and
+comm_fast::resample_tokens_backward: both resampling ops are linear, their backward is the
+adjoint of the same interpolation (ATen's upsample/adaptive-pool backward kernels, i.e.
+F.interpolate's gradient).
 """
 from __future__ import annotations
 
@@ -37,15 +46,26 @@ def _hw(name: str, value) -> tuple[int, int]:
     return h, w
 
 
+def _ext_state() -> tuple[bool, bool, str]:
+    """(extension loaded, built with CUDA, why not loaded). Fixed once loaded; read while tracing
+    without tracing into _ext.load's cache."""
+    ext, why = _ext.load()
+    return ext is not None, _ext.has_cuda(), why
+
+
+if hasattr(torch.compiler, "assume_constant_result"):
+    _ext_state = torch.compiler.assume_constant_result(_ext_state)
+
+
 def _auto(device_type: str) -> tuple[str, str]:
     """What auto picks for tensors on device_type, and why."""
-    ext, why = _ext.load()
+    loaded, with_cuda, why = _ext_state()
     if device_type == "cpu":
-        return ("cpp", "C++ extension (at::parallel_for)") if ext is not None else ("torch", f"fallback: {why}")
+        return ("cpp", "C++ extension (at::parallel_for)") if loaded else ("torch", f"fallback: {why}")
     if device_type == "cuda":
-        if _ext.has_cuda():
+        if with_cuda:
             return "cuda", "CUDA extension"
-        reason = why if ext is None else "comm_fast._C was built without CUDA (torch without CUDA or no nvcc)"
+        reason = why if not loaded else "comm_fast._C was built without CUDA (torch without CUDA or no nvcc)"
         return "torch", f"fallback: {reason}"
     return "torch", f"no extension kernels for {device_type} tensors"
 
@@ -58,11 +78,11 @@ def _choose(op: str, backend: str | None, device: torch.device) -> tuple[str, st
     if req == "torch":
         return "torch", "torch requested"
     if req in ("cpp", "cuda") and req == native:
-        ext, why = _ext.load()
-        if ext is None or (req == "cuda" and not _ext.has_cuda()):
+        loaded, with_cuda, why = _ext_state()
+        if not loaded or (req == "cuda" and not with_cuda):
             if backend is not None:
                 raise RuntimeError(f"backend={req!r} requested but unavailable: "
-                                   f"{why if ext is None else 'comm_fast._C was built without CUDA'}")
+                                   f"{why if not loaded else 'comm_fast._C was built without CUDA'}")
         else:
             return req, "requested"
     elif req != "auto" and backend is not None:
@@ -78,7 +98,212 @@ def _choose(op: str, backend: str | None, device: torch.device) -> tuple[str, st
 
 
 # ---------------------------------------------------------------------------------------------
-# interpolate_pos_embed
+# Torch paths (the reference, and the fallback without the extension)
+# ---------------------------------------------------------------------------------------------
+
+def _grid_mode(mode: str) -> tuple[str, bool]:
+    """A pos-embed mode as (F.interpolate mode, antialias)."""
+    return ("bicubic", mode == "antialias") if mode in POS_EMBED_MODES else (mode, False)
+
+
+def _offset_scales(src_hw, dst_hw) -> tuple[float, float]:
+    """The original DINOv2 scale factors ((dst + 0.1) / src), which drive its coordinate mapping."""
+    return (dst_hw[0] + 0.1) / src_hw[0], (dst_hw[1] + 0.1) / src_hw[1]
+
+
+def _resample_nchw(x: torch.Tensor, dst_hw, mode: str, scales=None) -> torch.Tensor:
+    """F.interpolate / adaptive_avg_pool2d on NCHW (mode: a resample mode or a pos-embed mode)."""
+    if mode == "area":
+        return F.adaptive_avg_pool2d(x, dst_hw)
+    m, antialias = _grid_mode(mode)
+    if scales is not None:
+        return F.interpolate(x, scale_factor=scales, mode=m, align_corners=False)
+    return F.interpolate(x, size=dst_hw, mode=m, align_corners=False, antialias=antialias)
+
+
+def _resample_torch(tokens, src_hw, dst_hw, mode, scales=None) -> torch.Tensor:
+    b, _, c = tokens.shape
+    x = tokens.reshape(b, *src_hw, c).permute(0, 3, 1, 2)
+    y = _resample_nchw(x, dst_hw, mode, scales)
+    return y.permute(0, 2, 3, 1).reshape(b, dst_hw[0] * dst_hw[1], c)
+
+
+def _pos_embed_torch(pos, src_hw, dst_hw, mode, n_prefix) -> torch.Tensor:
+    p = pos.unsqueeze(0) if pos.dim() == 2 else pos
+    scales = _offset_scales(src_hw, dst_hw) if mode == "dinov2_offset" else None
+    grid = _resample_torch(p[:, n_prefix:].float(), src_hw, dst_hw, mode, scales).to(pos.dtype)
+    out = torch.cat([p[:, :n_prefix], grid], dim=1)
+    return out[0] if pos.dim() == 2 else out
+
+
+def _resample_adjoint(grad, src_hw, dst_hw, mode, scales=None) -> torch.Tensor:
+    """The gradient of _resample_torch w.r.t. its [B, H*W, C] input: ATen's own backward kernels."""
+    b, _, c = grad.shape
+    g = grad.reshape(b, *dst_hw, c).permute(0, 3, 1, 2)
+    in_size = [b, c, *src_hw]
+    if mode == "area":
+        like = g.new_empty(in_size).contiguous(memory_format=torch.channels_last)  # only its shape is read
+        x = torch.ops.aten._adaptive_avg_pool2d_backward(g, like)
+    else:
+        m, antialias = _grid_mode(mode)
+        sh, sw = scales if scales is not None else (None, None)
+        fn = {("bilinear", False): torch.ops.aten.upsample_bilinear2d_backward,
+              ("bicubic", False): torch.ops.aten.upsample_bicubic2d_backward,
+              ("bicubic", True): torch.ops.aten._upsample_bicubic2d_aa_backward}[(m, antialias)]
+        x = fn(g, list(dst_hw), in_size, False, sh, sw)
+    return x.permute(0, 2, 3, 1).reshape(b, src_hw[0] * src_hw[1], c).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: one implementation per op, registered as its CPU and CUDA kernel; `backend`
+# ("cpp", "cuda" or "torch", chosen by the public op) picks the extension or the torch path.
+# The interpolation mode argument is `method` (`mode` clashes with torch.library's dispatch).
+# ---------------------------------------------------------------------------------------------
+
+_REASONS: dict[tuple[str, str], str] = {}
+
+
+def _note(op: str, backend: str, why: str) -> None:
+    """Remember why `backend` was chosen; the kernel records it when it runs (eager or compiled)."""
+    if not torch.compiler.is_compiling():
+        _REASONS[(op, backend)] = why
+
+
+def _ran(op: str, backend: str) -> None:
+    _backend.record(op, backend, _REASONS.get((op, backend), "chosen when the compiled graph was traced"))
+
+
+def _ext_module():
+    ext, why = _ext.load()
+    if ext is None:  # only reachable if the module vanished after the backend was chosen
+        raise RuntimeError(f"comm_fast._C is unavailable: {why}")
+    return ext
+
+
+def _register(name: str, impl, fake, mutates_args=()):
+    op = torch.library.custom_op(f"comm_fast::{name}", impl, mutates_args=mutates_args, device_types="cpu")
+    op.register_kernel("cuda")(impl)
+    op.register_fake(fake)
+    return op
+
+
+def _resample_bwd_impl(grad: torch.Tensor, sh: int, sw: int, dh: int, dw: int, method: str, scale_h: float,
+                       scale_w: float) -> torch.Tensor:
+    """[B, dh*dw, C] gradient -> [B, sh*sw, C]; method: a resample or pos-embed mode; scales > 0: the
+    scale factors that drove the forward mapping (dinov2_offset)."""
+    scales = (scale_h, scale_w) if scale_h > 0 else None
+    return _resample_adjoint(grad, (sh, sw), (dh, dw), method, scales)
+
+
+def _resample_bwd_fake(grad, sh, sw, dh, dw, method, scale_h, scale_w):
+    return grad.new_empty((grad.shape[0], sh * sw, grad.shape[2]))
+
+
+# The backward of both resampling ops, a custom op too: ATen's upsample backward kernels have no
+# meta implementation for symbolic sizes, so they cannot be traced directly.
+_resample_bwd_op = _register("resample_tokens_backward", _resample_bwd_impl, _resample_bwd_fake)
+
+
+def _pos_impl(pos: torch.Tensor, sh: int, sw: int, dh: int, dw: int, method: str, num_prefix_tokens: int,
+              backend: str) -> torch.Tensor:
+    _ran("interpolate_pos_embed", backend)
+    if backend == "torch":
+        return _pos_embed_torch(pos, (sh, sw), (dh, dw), method, num_prefix_tokens)
+    return _ext_module().interpolate_pos_embed(pos, sh, sw, dh, dw, method, num_prefix_tokens)
+
+
+def _pos_fake(pos, sh, sw, dh, dw, method, num_prefix_tokens, backend):
+    return pos.new_empty((*pos.shape[:-2], num_prefix_tokens + dh * dw, pos.shape[-1]))
+
+
+def _pos_setup(ctx, inputs, output):
+    pos, sh, sw, dh, dw, method, n_prefix, backend = inputs
+    ctx.args = (sh, sw, dh, dw, method, n_prefix)
+
+
+def _pos_autograd(ctx, grad):
+    sh, sw, dh, dw, method, n_prefix = ctx.args
+    g = grad.unsqueeze(0) if grad.dim() == 2 else grad
+    scale_h, scale_w = _offset_scales((sh, sw), (dh, dw)) if method == "dinov2_offset" else (0.0, 0.0)
+    grid = _resample_bwd_op(g[:, n_prefix:].float(), sh, sw, dh, dw, method, scale_h, scale_w).to(grad.dtype)
+    dpos = torch.cat([g[:, :n_prefix], grid], dim=1)
+    return (dpos[0] if grad.dim() == 2 else dpos), None, None, None, None, None, None, None
+
+
+_pos_op = _register("interpolate_pos_embed", _pos_impl, _pos_fake)
+_pos_op.register_autograd(_pos_autograd, setup_context=_pos_setup)
+
+
+def _resample_impl(tokens: torch.Tensor, sh: int, sw: int, dh: int, dw: int, method: str,
+                   backend: str) -> torch.Tensor:
+    _ran("resample_tokens", backend)
+    if backend == "torch":
+        return _resample_torch(tokens, (sh, sw), (dh, dw), method).contiguous()
+    return _ext_module().resample_tokens(tokens, sh, sw, dh, dw, method)
+
+
+def _resample_fake(tokens, sh, sw, dh, dw, method, backend):
+    return tokens.new_empty((tokens.shape[0], dh * dw, tokens.shape[2]))
+
+
+def _resample_setup(ctx, inputs, output):
+    tokens, sh, sw, dh, dw, method, backend = inputs
+    ctx.args = (sh, sw, dh, dw, method)
+
+
+def _resample_autograd(ctx, grad):
+    sh, sw, dh, dw, method = ctx.args
+    return _resample_bwd_op(grad, sh, sw, dh, dw, method, 0.0, 0.0), None, None, None, None, None, None
+
+
+_resample_op = _register("resample_tokens", _resample_impl, _resample_fake)
+_resample_op.register_autograd(_resample_autograd, setup_context=_resample_setup)
+
+
+def _resample_out_impl(tokens: torch.Tensor, sh: int, sw: int, dh: int, dw: int, method: str, out: torch.Tensor,
+                       backend: str) -> None:
+    _ran("resample_tokens", backend)
+    if backend == "torch":
+        out.copy_(_resample_torch(tokens, (sh, sw), (dh, dw), method))
+    else:
+        _ext_module().resample_tokens(tokens, sh, sw, dh, dw, method, out)
+
+
+def _resample_out_fake(tokens, sh, sw, dh, dw, method, out, backend):
+    return None
+
+
+# Mutating ops take no autograd formula: with grad required, resample_tokens copies the
+# functional op's result into `out` instead (a differentiable copy_).
+_resample_out_op = _register("resample_tokens_out", _resample_out_impl, _resample_out_fake, mutates_args=("out",))
+
+
+def _joint_impl(images: list[torch.Tensor], batched: bool, clip_size: int, dino_size: int, dtype: torch.dtype,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _ran("joint_preprocess", backend)
+    if backend == "torch":
+        return _torch_joint_preprocess(images, batched, clip_size, dino_size, dtype)
+    return _ext_module().joint_preprocess(images, clip_size, dino_size, dtype, CLIP_MEAN, CLIP_STD, DINO_MEAN,
+                                          DINO_STD)
+
+
+def _joint_fake(images, batched, clip_size, dino_size, dtype, backend):
+    b = len(images)
+    return (images[0].new_empty((b, 3, clip_size, clip_size), dtype=dtype),
+            images[0].new_empty((b, 3, dino_size, dino_size), dtype=dtype))
+
+
+# uint8 images: nothing to differentiate.
+_joint_op = _register("joint_preprocess", _joint_impl, _joint_fake)
+
+
+def _eager_only(device: torch.device) -> bool:
+    """Tensors on devices the custom ops have no kernel for run the torch path directly."""
+    return device.type not in _NATIVE
+
+
+# ---------------------------------------------------------------------------------------------
+# Public ops
 # ---------------------------------------------------------------------------------------------
 
 def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf",
@@ -88,7 +313,7 @@ def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf",
     The P prefix tokens (CLS, registers) pass through. Computed in fp32, returned in pos.dtype.
     ``mode``: "hf" (size-based, A=-0.75), "dinov2_offset" (original DINOv2: the scale factor
     (dst+0.1)/src drives the coordinate mapping) or "antialias" (size-based, antialias=True).
-    An unchanged grid returns the embedding as is, as every source does.
+    An unchanged grid returns the embedding as is, as every source does. Differentiable.
     """
     if not isinstance(pos, torch.Tensor) or not pos.is_floating_point():
         raise TypeError(f"pos: expected a floating-point tensor, got {type(pos).__name__}"
@@ -97,8 +322,7 @@ def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf",
         raise ValueError(f"mode: expected one of {POS_EMBED_MODES}, got {mode!r}")
     sh, sw = _hw("src_hw", src_hw)
     dh, dw = _hw("dst_hw", dst_hw)
-    squeeze = pos.dim() == 2
-    p = pos.unsqueeze(0) if squeeze else pos
+    p = pos.unsqueeze(0) if pos.dim() == 2 else pos
     if p.dim() != 3 or p.shape[0] != 1:
         raise ValueError(f"pos: expected shape [P + H*W, D] or [1, P + H*W, D], got {tuple(pos.shape)}")
     n_prefix = int(num_prefix_tokens)
@@ -113,32 +337,19 @@ def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf",
     if (sh, sw) == (dh, dw):
         _backend.record("interpolate_pos_embed", name, "unchanged grid: returned as is")
         return pos
-    _backend.record("interpolate_pos_embed", name, reason)
-    if name != "torch":
-        ext, _ = _ext.load()
-        return ext.interpolate_pos_embed(pos, sh, sw, dh, dw, mode, n_prefix)
-    d = p.shape[-1]
-    grid = p[:, n_prefix:].reshape(1, sh, sw, d).permute(0, 3, 1, 2).float()
-    if mode == "dinov2_offset":
-        grid = F.interpolate(grid, scale_factor=((dh + 0.1) / sh, (dw + 0.1) / sw), mode="bicubic",
-                             align_corners=False)
-    else:
-        grid = F.interpolate(grid, size=(dh, dw), mode="bicubic", align_corners=False,
-                             antialias=(mode == "antialias"))
-    grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, dh * dw, d)
-    out = torch.cat([p[:, :n_prefix], grid], dim=1)
-    return out[0] if squeeze else out
+    if _eager_only(pos.device):
+        _backend.record("interpolate_pos_embed", name, reason)
+        return _pos_embed_torch(pos, (sh, sw), (dh, dw), mode, n_prefix)
+    _note("interpolate_pos_embed", name, reason)
+    return _pos_op(pos, sh, sw, dh, dw, mode, n_prefix, name)
 
-
-# ---------------------------------------------------------------------------------------------
-# resample_tokens
-# ---------------------------------------------------------------------------------------------
 
 def resample_tokens(tokens: torch.Tensor, src_hw, dst_hw, mode: str = "bilinear",
                     out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Resample a ``[B, H*W, C]`` token grid to ``[B, h*w, C]`` like F.interpolate (align_corners=False)
     on the NCHW view ("area": F.adaptive_avg_pool2d). ``out`` may be any ``[B, h*w, C]`` view with a
-    contiguous channel dimension, e.g. ``buf[..., C:2*C]``; only it is written."""
+    contiguous channel dimension, e.g. ``buf[..., C:2*C]``; only it is written. Differentiable
+    (the gradient is F.interpolate's)."""
     if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point() or tokens.dim() != 3:
         raise TypeError(f"tokens: expected a floating-point tensor [B, H*W, C], got "
                         f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}"
@@ -159,21 +370,18 @@ def resample_tokens(tokens: torch.Tensor, src_hw, dst_hw, mode: str = "bilinear"
         if c > 1 and out.stride(2) != 1:
             raise ValueError(f"out: the channel dimension must be contiguous (stride 1), got strides {out.stride()}")
     name, reason = _choose("resample_tokens", backend, tokens.device)
-    _backend.record("resample_tokens", name, reason)
-    if name != "torch":
-        ext, _ = _ext.load()
-        if c > 1 and tokens.stride(2) != 1:
-            tokens = tokens.contiguous()
-        return ext.resample_tokens(tokens, sh, sw, dh, dw, mode, out)
-    x = tokens.reshape(b, sh, sw, c).permute(0, 3, 1, 2)
-    if mode == "area":
-        y = F.adaptive_avg_pool2d(x, (dh, dw))
-    else:
-        y = F.interpolate(x, size=(dh, dw), mode=mode, align_corners=False)
-    y = y.permute(0, 2, 3, 1).reshape(b, dh * dw, c)
-    if out is None:
-        return y.contiguous()
-    out.copy_(y)
+    if _eager_only(tokens.device):
+        _backend.record("resample_tokens", name, reason)
+        y = _resample_torch(tokens, (sh, sw), (dh, dw), mode)
+        return y.contiguous() if out is None else out.copy_(y)
+    _note("resample_tokens", name, reason)
+    if name != "torch" and c > 1 and tokens.stride(2) != 1:
+        tokens = tokens.contiguous()
+    needs_grad = torch.is_grad_enabled() and (tokens.requires_grad or (out is not None and out.requires_grad))
+    if out is None or needs_grad:
+        y = _resample_op(tokens, sh, sw, dh, dw, mode, name)
+        return y if out is None else out.copy_(y)
+    _resample_out_op(tokens, sh, sw, dh, dw, mode, out, name)
     return out
 
 
@@ -264,7 +472,7 @@ def _torch_resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 def _torch_normalise(y: torch.Tensor, mean, std, dtype) -> torch.Tensor:
     m = torch.tensor(mean, dtype=torch.float32, device=y.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=y.device).view(1, 3, 1, 1)
-    return ((y / 255.0 - m) / s).to(dtype)
+    return ((y / 255.0 - m) / s).to(dtype, memory_format=torch.contiguous_format)
 
 
 def _torch_joint_preprocess(views, batched, clip_size, dino_size, dtype):
@@ -294,13 +502,15 @@ def joint_preprocess(images, clip_size: int = 336, dino_size: int = 336, dtype=t
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating torch dtype, got {dtype!r}")
     clip_size, dino_size = int(clip_size), int(dino_size)
-    name, reason = _choose("joint_preprocess", backend, views[0].device)
-    _backend.record("joint_preprocess", name, reason if name != "torch" else
-                    f"{reason}; torch composition (antialiased F.interpolate + crop + normalise)")
-    if name != "torch":
-        ext, _ = _ext.load()
-        return ext.joint_preprocess(views, clip_size, dino_size, dtype, CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD)
-    return _torch_joint_preprocess(views, batched, clip_size, dino_size, dtype)
+    device = views[0].device
+    name, reason = _choose("joint_preprocess", backend, device)
+    if name == "torch":
+        reason += "; torch composition (antialiased F.interpolate + crop + normalise)"
+    if _eager_only(device):
+        _backend.record("joint_preprocess", name, reason)
+        return _torch_joint_preprocess(views, batched, clip_size, dino_size, dtype)
+    _note("joint_preprocess", name, reason)
+    return _joint_op(views, batched, clip_size, dino_size, dtype, name)
 
 
 def describe() -> dict:

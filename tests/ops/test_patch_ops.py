@@ -4,6 +4,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from comm_fast import _backend, _ext
 from comm_fast.ops import interpolate_pos_embed, joint_preprocess, patch, resample_tokens
@@ -223,3 +224,119 @@ def test_joint_preprocess_input_forms_agree(seed):
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---- torch.library registration: torch.compile, opcheck, autograd ----
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compile_fullgraph_matches_eager(seed, backend):
+    if backend == "auto" and not BUILT:
+        pytest.skip("extension not built")
+    t = torch.randn(2, 9 * 13, 8)
+    pos = torch.randn(1, 1 + 9 * 13, 8)
+    images = torch.randint(0, 256, (2, 40, 52, 3), dtype=torch.uint8)
+
+    def fn(t, pos, images):
+        buf = torch.full((2, 30, 16), float("nan"))
+        resample_tokens(t, (9, 13), (6, 5), "bicubic", out=buf[..., 8:], backend=backend)
+        clip, dino = joint_preprocess(images, 24, 28, backend=backend)
+        return (resample_tokens(t, (9, 13), (6, 5), "bilinear", backend=backend),
+                resample_tokens(t, (9, 13), (6, 5), "area", backend=backend), buf,
+                interpolate_pos_embed(pos, (9, 13), (6, 5), "dinov2_offset", backend=backend),
+                interpolate_pos_embed(pos[0], (9, 13), (6, 5), "antialias", backend=backend), clip, dino)
+
+    want = fn(t, pos, images)
+    got = _compiled(fn)(t, pos, images)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert torch.isnan(got[2][..., :8]).all()
+    expected = "cpp" if backend == "auto" else "torch"
+    assert {last(op)["backend"] for op in patch._OPS} == {expected}  # recorded by the compiled run too
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_opcheck_cpu(seed, backend):
+    if backend == "cpp" and not BUILT:
+        pytest.skip("extension not built")
+    ops = torch.ops.comm_fast
+    for args in [(torch.randn(2, 9 * 13, 6, requires_grad=True), 9, 13, 6, 5, m) for m in patch.RESAMPLE_MODES]:
+        torch.library.opcheck(ops.resample_tokens.default, (*args, backend))
+        out = torch.full((2, 30, 12), float("nan"))[..., 3:9]
+        torch.library.opcheck(ops.resample_tokens_out.default, (args[0].detach(), *args[1:], out, backend))
+    for mode in patch.POS_EMBED_MODES:
+        pos = torch.randn(1, 2 + 9 * 13, 6, requires_grad=True)
+        torch.library.opcheck(ops.interpolate_pos_embed.default, (pos, 9, 13, 6, 5, mode, 2, backend))
+        torch.library.opcheck(ops.interpolate_pos_embed.default, (pos[0].detach(), 9, 13, 6, 5, mode, 2, backend))
+    images = list(torch.randint(0, 256, (2, 30, 41, 3), dtype=torch.uint8).unbind(0))
+    torch.library.opcheck(ops.joint_preprocess.default, (images, True, 16, 20, torch.float32, backend))
+
+
+@pytest.mark.parametrize("mode", patch.RESAMPLE_MODES)
+@pytest.mark.parametrize("src,dst", [((9, 13), (6, 5)), ((4, 5), (7, 9))])
+def test_resample_gradcheck_float64(seed, mode, src, dst):
+    """The registered backward (the op's adjoint) against finite differences, exact in float64."""
+    t = torch.randn(1, src[0] * src[1], 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: resample_tokens(x, src, dst, mode, backend="torch"), (t,))
+    # pos-embed interpolation computes in fp32 whatever the dtype: finite differences with a wide step
+    pos = torch.randn(1 + src[0] * src[1], 2, dtype=torch.float64, requires_grad=True)
+    pmode = {"bilinear": "hf", "bicubic": "antialias", "area": "dinov2_offset"}[mode]
+    torch.autograd.gradcheck(lambda x: interpolate_pos_embed(x, src, dst, pmode, backend="torch"), (pos,),
+                             eps=1e-2, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("mode", patch.RESAMPLE_MODES)
+def test_resample_grad_matches_interpolate(seed, mode, backend):
+    if backend == "auto" and not BUILT:
+        pytest.skip("extension not built")
+    src, dst = (9, 13), (6, 5)
+    t = torch.randn(2, src[0] * src[1], 8, requires_grad=True)
+    w = torch.randn(2, dst[0] * dst[1], 8)
+    (resample_tokens(t, src, dst, mode, backend=backend) * w).sum().backward()
+    x = t.detach().reshape(2, *src, 8).permute(0, 3, 1, 2).requires_grad_()
+    y = F.adaptive_avg_pool2d(x, dst) if mode == "area" else F.interpolate(x, size=dst, mode=mode, align_corners=False)
+    (y.permute(0, 2, 3, 1).reshape(2, -1, 8) * w).sum().backward()
+    torch.testing.assert_close(t.grad, x.grad.permute(0, 2, 3, 1).reshape(2, -1, 8))
+    # out= with grad: the slot is written through a differentiable copy, and the buffer carries the graph
+    t.grad = None
+    buf = torch.zeros(2, dst[0] * dst[1], 16)
+    resample_tokens(t, src, dst, mode, out=buf[..., 8:], backend=backend)
+    (buf[..., 8:] * w).sum().backward()
+    torch.testing.assert_close(t.grad, x.grad.permute(0, 2, 3, 1).reshape(2, -1, 8))
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", patch.POS_EMBED_MODES)
+def test_pos_embed_grad_matches_torch_path(seed, mode):
+    pos = torch.randn(1, 1 + 9 * 13, 8, requires_grad=True)
+    w = torch.randn(1, 1 + 6 * 5, 8)
+    (interpolate_pos_embed(pos, (9, 13), (6, 5), mode) * w).sum().backward()
+    assert last("interpolate_pos_embed")["backend"] == "cpp"
+    ref = pos.detach().clone().requires_grad_()
+    p = ref[:, 1:].reshape(1, 9, 13, 8).permute(0, 3, 1, 2)
+    if mode == "dinov2_offset":
+        g = F.interpolate(p, scale_factor=((6 + 0.1) / 9, (5 + 0.1) / 13), mode="bicubic", align_corners=False)
+    else:
+        g = F.interpolate(p, size=(6, 5), mode="bicubic", align_corners=False, antialias=mode == "antialias")
+    (torch.cat([ref[:, :1], g.permute(0, 2, 3, 1).reshape(1, 30, 8)], 1) * w).sum().backward()
+    torch.testing.assert_close(pos.grad, ref.grad)
+
+
+def test_compile_with_grad_matches_eager(seed):
+    t = torch.randn(2, 9 * 13, 8, requires_grad=True)
+    pos = torch.randn(1, 1 + 9 * 13, 8, requires_grad=True)
+
+    def fn(t, pos):
+        return (resample_tokens(t, (9, 13), (6, 5)).square().sum()
+                + interpolate_pos_embed(pos, (9, 13), (6, 5), "dinov2_offset").square().sum())
+
+    fn(t, pos).backward()
+    want = (t.grad.clone(), pos.grad.clone())
+    t.grad = pos.grad = None
+    _compiled(fn)(t, pos).backward()
+    torch.testing.assert_close((t.grad, pos.grad), want)
