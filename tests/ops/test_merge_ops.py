@@ -65,7 +65,9 @@ def check(name, got, ref64, same_dtype=None):
         assert err <= 1e-9 * (1 + scale), f"{name}: {err:.3g}"
         return
     base = (same_dtype.double() - ref64).abs().max().item()
-    atol = torch.finfo(same_dtype.dtype).eps * scale * (64 if same_dtype.dtype == torch.float32 else 1)
+    # fp32: grads such as d alpha are sums of ~10^2 O(1) terms that cancel to a small result, so
+    # the rounding floor follows the terms' size (>= 1 here), not the result's
+    atol = torch.finfo(same_dtype.dtype).eps * (64 * max(scale, 1.0) if same_dtype.dtype == torch.float32 else scale)
     assert err <= 2 * base + atol, f"{name}: {err:.3g} > 2 x {base:.3g} + {atol:.3g}"
 
 
