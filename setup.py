@@ -25,7 +25,7 @@ def _extensions():
     cuda_sources = rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))))
     if not sources:
         return [], {}
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]  # torch's own headers use C++20 (bit-field initialisers)
     if os.environ.get("COMM_FAST_NATIVE", "0") == "1":
         cxx.append("-march=native")
     with_cuda = (
