@@ -168,3 +168,19 @@ def test_tower_compiles_fullgraph(tmp_path, seed, grad):
     clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
     with torch.set_grad_enabled(grad):
         torch.testing.assert_close(compiled(clip_px, dino_px), tower(clip_px, dino_px), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["streaming", "buffered"])
+def test_tower_through_triton_kernels(tmp_path, seed, grad, monkeypatch):
+    """The tower's merges and MLP on the Triton kernels (the interpreter here, compiled on a GPU)."""
+    from comm_fast import _backend
+
+    monkeypatch.setenv("COMM_FAST_BACKEND", "triton")
+    tower, ref = _build(tmp_path, dino_image_size=70)
+    clip_px, dino_px = torch.randn(1, 3, 56, 56), torch.randn(1, 3, 70, 70)
+    with torch.set_grad_enabled(grad):
+        out = tower(clip_px, dino_px)
+        expected = ref(clip_px, dino_px)
+    assert rel_err(out, expected) <= 1e-5
+    for op in ("multilevel_merge", "fused_mlp"):
+        assert _backend.last_used()[op]["backend"] == "triton", op
