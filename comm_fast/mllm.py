@@ -10,6 +10,7 @@ block-diagonal causal mask; with flash-attn the rows are flattened into one varl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -57,36 +58,43 @@ def _register_varlen_sdpa() -> bool:
 
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA that, for packed rows, attends within each sample only, computed per sample.
+    """SDPA that, for packed rows, attends within each sample only, one causal SDPA call per sample.
 
-    A packed sample's position ids are exactly its tokens' offsets, so (sample, position) places every
-    token in a [samples, longest, ...] grid; causal SDPA there costs sum(longest^2) instead of the
-    row_length^2 of a block-diagonal mask (which it equals: padding sits after each sample's last
-    token, where causal attention never looks). Anything else (padded batches, decoding with a cache)
-    goes to transformers' SDPA unchanged.
+    The samples of a packed row are contiguous and start where the position ids restart at 0, so each
+    sample's queries, keys and values are a split of the flattened rows (a view when there is one row):
+    the work is sum(len^2), with no padding anywhere (a [samples, longest] grid would cost
+    samples x longest^2, as much as a padded batch, and a block-diagonal mask row_length^2). Anything
+    else (padded batches, decoding with a cache) goes to transformers' SDPA unchanged.
     """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     packed = kwargs.pop("comm_packed", False)  # set by COMMForCausalLM.forward for packed rows only
+    lengths = kwargs.pop("comm_lengths", None)  # the samples' lengths along the flattened rows, if known
     pos = kwargs.get("position_ids")
     b, h, t, d = query.shape
     if not packed or pos is None or key.shape[2] != t or pos.shape[-1] != t:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    pos = pos.expand(b, t).reshape(-1)
-    seg = (pos == 0).cumsum(0) - 1                      # sample index of every token (rows start a sample)
-    n_seg, longest = int(seg[-1]) + 1, int(pos.max()) + 1
+    if lengths is None:
+        lengths = sample_lengths(pos.expand(b, t))
     key, value = (repeat_kv(x, h // x.shape[1]) for x in (key, value))
 
-    def grid(x):  # [B, H, T, D] -> [samples, H, longest, D]
-        out = x.new_zeros(n_seg, longest, h, x.shape[-1])
-        out[seg, pos] = x.transpose(1, 2).reshape(b * t, h, x.shape[-1])
-        return out.transpose(1, 2)
+    def split(x):  # [B, H, T, D] -> per sample [1, H, len, D]
+        return x.transpose(0, 1).reshape(1, h, b * t, x.shape[-1]).split(lengths, dim=2)
 
-    out = torch.nn.functional.scaled_dot_product_attention(
-        grid(query), grid(key), grid(value), is_causal=True, scale=scaling,
-        dropout_p=dropout if module.training else 0.0)
-    return out.transpose(1, 2)[seg, pos].reshape(b, t, h, d), None
+    p = dropout if module.training else 0.0
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                                      dropout_p=p)
+                     for q, k, v in zip(split(query), split(key), split(value))], dim=2)
+    return out[0].transpose(0, 1).reshape(b, t, h, d), None
+
+
+def sample_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the samples of packed rows, in order along the flattened rows (each starts at position 0)."""
+    starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return [e - s for s, e in zip(starts, starts[1:] + [position_ids.numel()])]
 
 
 @dataclasses.dataclass
@@ -188,6 +196,14 @@ class COMMOutput:
     logits: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None    # summed token losses, for exact global normalisation
     num_label_tokens: int = 0
+
+
+def _range(name: str):
+    """A torch.profiler range (``comm_fast::<name>``) around a phase of the forward; nothing while
+    torch.compile traces, and next to free when no profiler is running."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(f"comm_fast::{name}")
 
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -294,7 +310,12 @@ class COMMForCausalLM(nn.Module):
         ``attention_mask`` marks packed rows. ``return_logits=False`` projects only the label positions
         through the LM head (what training needs).
         """
-        features = self.image_features(pixel_values, images)
+        with _range("vision"):
+            features = self.image_features(pixel_values, images)
+        with _range("llm_forward"):
+            return self._forward_llm(input_ids, attention_mask, features, labels, position_ids, return_logits)
+
+    def _forward_llm(self, input_ids, attention_mask, features, labels, position_ids, return_logits) -> COMMOutput:
         n_img = 0 if features is None else features.shape[0]
         count = int((input_ids == self.config.image_token_id).sum())
         if n_img and count == n_img and self.num_image_tokens > 1:
@@ -313,6 +334,7 @@ class COMMForCausalLM(nn.Module):
                 embeds, kw["position_ids"] = embeds.reshape(1, -1, shape[-1]), position_ids.reshape(1, -1)
             elif impl == VARLEN_SDPA:
                 kw["position_ids"], kw["comm_packed"] = position_ids, True  # per sample: varlen_sdpa_attention
+                kw["comm_lengths"] = sample_lengths(position_ids)  # once, not per layer
             else:  # any other attention: the block-diagonal causal mask, row_length^2 work
                 kw["attention_mask"], kw["position_ids"] = block_causal_mask(position_ids), position_ids
         else:
