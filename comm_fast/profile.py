@@ -357,7 +357,7 @@ class Session:
 
 
 def profile(args) -> dict:
-    from comm_fast import bench
+    from comm_fast import _backend, bench
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is None and args.preset == "tiny" and device.type == "cpu":
@@ -389,6 +389,8 @@ def profile(args) -> dict:
                 rec = session.step(v, k)
                 if k >= args.warmup:
                     v.records.append(rec)
+        total_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        backends = _backend.last_used()  # what the fused ops actually ran on, during the measured steps
         # torch.profiler over ours (packed): the record_function ranges, the trace
         prof_info = _profiled(session, variants[0], range(measured, measured + args.profile_steps), args.trace)
         # peak memory of one step per variant (CUDA: max_memory_allocated; CPU: heap sampled after every op)
@@ -396,7 +398,6 @@ def profile(args) -> dict:
         for v in variants:
             v.peak_mem_mb = bench.peak_memory_mb(lambda: session.step(v, last), device)
         resident_mb = session.resident_mb()
-        total_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     finally:
         session.close()
 
@@ -428,6 +429,9 @@ def profile(args) -> dict:
                  "image_tokens_per_sample": model.num_image_tokens},
         "resident_mb": resident_mb, "peak_allocated_mb": total_peak_mb,
         "variants": rows, "ratios": ratios, "profiler": prof_info,
+        "backends": {op: u["backend"] for op, u in sorted(backends.items())},
+        "backend_reasons": {op: u["reason"] for op, u in sorted(backends.items())},
+        "triton_interpreter": _backend.triton_interpreting(),
     }
 
 
@@ -553,7 +557,11 @@ def format_report(r: dict) -> str:
         if prof.get("trace"):
             out.append(f"Chrome trace: {prof['trace']} (chrome://tracing or ui.perfetto.dev)")
     if r["peak_allocated_mb"] is not None:
-        out.append(f"peak allocated over the run: {r['peak_allocated_mb']:,.0f} MB")
+        out.append(f"peak allocated during the measured steps (every variant's weights and optimizer state "
+                   f"resident): {r['peak_allocated_mb']:,.0f} MB")
+    if r["backends"]:
+        out.append("ours, backends that ran: " + ", ".join(f"{k}={v}" for k, v in r["backends"].items())
+                   + (" (Triton interpreter: not fused times)" if r["triton_interpreter"] else ""))
     return "\n".join(out)
 
 

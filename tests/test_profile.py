@@ -38,6 +38,7 @@ def test_report_has_every_figure(run, capsys):
     assert same[0]["computed_tokens_per_step"] < same[1]["computed_tokens_per_step"]  # padding
     assert r["ratios"]["packed_over_padded_tokens_per_s"] > 0
     assert r["ratios"]["ours_over_baseline_tokens_per_s"] > 0
+    assert r["backends"].get("joint_preprocess")  # what the fused ops ran on is reported
     ranges = r["profiler"]["ranges_ms_per_step"]
     for name in ("preprocess", "vision", "vision_encoder.clip", "vision_encoder.dino", "llm_forward", "backward",
                  "optimizer"):
