@@ -4,6 +4,10 @@
 
 #include <ATen/MemoryOverlap.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "patch_ops.h"
 
 namespace comm_fast {
@@ -33,6 +37,19 @@ void check_float(const at::Tensor& t, const char* name) {
 void check_grid(int64_t h, int64_t w, const char* name) {
   TORCH_CHECK(h > 0 && w > 0, name, ": expected positive sizes, got (", h, ", ", w, ")");
   TORCH_CHECK(h < (int64_t(1) << 31) && w < (int64_t(1) << 31), name, ": sizes too large");
+}
+
+// A large fresh CPU output is first touched by our kernel: ask for transparent huge pages on it
+// (the 2 MiB-aligned interior; contents unaffected). Where THP is in "madvise" mode this cuts
+// first-touch page faults ~500x, e.g. joint_preprocess's two 43 MB outputs at B = 32.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advisory only
+#endif
 }
 
 void run_resample(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw,
@@ -160,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor> joint_preprocess(const std::vector<at::Tensor
     PreprocOutput o;
     o.size = S;
     o.dst = at::empty({B, 3, S, S}, at::TensorOptions().dtype(dtype).device(device));
+    advise_huge_pages(o.dst);
     // The processors' arithmetic: rescale by 1/255 (float64, stored as float32), then (x - mean) / std.
     for (int c = 0; c < 3; ++c)
       for (int v = 0; v < 256; ++v)
