@@ -27,22 +27,22 @@ except ImportError:
 PY
 
 step "build the extension (C++ + CUDA) in place"
-timeout 300 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+timeout 240 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build rc=$?" | tee -a "$OUT/status.txt"
 $PY -m comm_fast.info | tee "$OUT/info.txt"
 
 step "GPU tests"
-timeout 200 $PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
+timeout 150 $PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests rc=$?" | tee -a "$OUT/status.txt"
 tail -5 "$OUT/gpu-tests.log"
 
 step "benchmarks at the real sizes"
-timeout 240 $PY -m comm_fast.cli bench --preset h200 --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+timeout 200 $PY -m comm_fast.cli bench --preset h200 --json "$OUT/bench.json" --plot "$OUT/bench.png" \
     --no-progress > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/status.txt"
 
 step "training profile"
-timeout 120 $PY -m comm_fast.cli profile-train --preset 1b --steps 6 --json "$OUT/profile.json" \
+timeout 150 $PY -m comm_fast.cli profile-train --preset 1b --steps 6 --baseline --json "$OUT/profile.json" \
     > "$OUT/profile.log" 2>&1
 echo "profile rc=$?" | tee -a "$OUT/status.txt"
 
