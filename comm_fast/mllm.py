@@ -16,8 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -413,32 +411,17 @@ class COMMForCausalLM(nn.Module):
         """config.json + model.safetensors (+ tokenizer), written to a temporary directory and renamed.
 
         ``state_dict``: the full weights when they are gathered elsewhere (FSDP)."""
-        from safetensors.torch import save_file
+        from comm_fast._io import atomic_directory, save_safetensors
 
-        directory = os.path.abspath(os.fspath(directory))
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-        try:
+        with atomic_directory(directory) as tmp:
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.config.to_dict(), f, indent=2)
             sd = dict(self.state_dict() if state_dict is None else state_dict)
             if self.config.text.get("tie_word_embeddings"):
                 sd.pop("llm.lm_head.weight", None)  # shares storage with the embedding
-            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(tmp, WEIGHTS_NAME),
-                      metadata={"format": "pt"})
+            save_safetensors(sd, os.path.join(tmp, WEIGHTS_NAME))
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
-            if os.path.isdir(directory):
-                old = tmp + "-old"
-                os.rename(directory, old)
-                os.rename(tmp, directory)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype | None = None) -> "COMMForCausalLM":

@@ -8,7 +8,6 @@ with ``skip_bad_images``, drop the record and count it). Images are decoded per 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from comm_fast.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, tokenize_conversation
+from comm_fast.models import loading
 
 
 @dataclasses.dataclass
@@ -70,13 +70,7 @@ class ConversationDataset:
     def __init__(self, json_path: str, image_folder: str, tokenizer, num_image_tokens: int, max_length: int,
                  skip_bad_images: bool = False):
         self.json_path, self.image_folder = json_path, image_folder
-        try:
-            with open(json_path, encoding="utf-8") as f:
-                records = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{json_path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{json_path}: corrupt JSON ({exc})") from None
+        records = loading.read_json(json_path, kind=object)
         if not isinstance(records, list) or not records:
             raise ValueError(f"{json_path}: expected a non-empty JSON list of conversation records")
         self.samples: list[Sample] = []

@@ -16,7 +16,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-def read_json(path: str) -> dict:
+def read_json(path: str, kind: type = dict):
+    """A JSON file whose top level must be a ``kind`` (dict by default); errors name the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -24,8 +25,9 @@ def read_json(path: str) -> dict:
         raise FileNotFoundError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: corrupt JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data, kind):
+        expected = {dict: "a JSON object", list: "a JSON list"}.get(kind, kind.__name__)
+        raise ValueError(f"{path}: expected {expected}, got {type(data).__name__}")
     return data
 
 
