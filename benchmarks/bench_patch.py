@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = bench_joint_preprocess(device=args.device, processors=not args.no_processors)
     rows += bench_resample_tokens(device=args.device)
-    rows += bench_resample_tokens(device=args.device, dtype=torch.bfloat16, modes=("bilinear",))
+    rows += bench_resample_tokens(device=args.device, dtype=torch.bfloat16, modes=("bilinear", "area"))
     rows += bench_pos_embed(device=args.device)
     for r in rows:
         extra = "  ".join(f"{k[5:]}: {v}x" for k, v in r.items() if k.startswith("x_vs_"))
