@@ -6,6 +6,7 @@ the C++ part only.
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -26,6 +27,11 @@ def _extensions():
     if not sources:
         return [], {}
     cxx = ["-O3", "-std=c++20"]  # torch's own headers use C++20 (bit-field initialisers)
+    link = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is an inline `#pragma omp parallel`: without -fopenmp it runs on one thread
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if os.environ.get("COMM_FAST_NATIVE", "0") == "1":
         cxx.append("-march=native")
     with_cuda = (
@@ -40,9 +46,11 @@ def _extensions():
             sources + cuda_sources,
             define_macros=[("COMM_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
-        ext = cpp_extension.CppExtension("comm_fast._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("comm_fast._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=link)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
