@@ -171,10 +171,10 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
     cases = []
     if "layernorm_weighted_sum" in subjects:
         h, (lw, lb, _, _, a) = _merge_inputs(p, device, L)
-        nxt = _rotating(lambda: torch.randn_like(h), h.numel() * es, cache_bytes)
+        next_h = _rotating(lambda: torch.randn_like(h), h.numel() * es, cache_bytes)
         cases.append(Case("layernorm_weighted_sum", f"L={L} M={M} D={D}",
-                          lambda: ops.layernorm_weighted_sum(nxt(), lw, lb, a),
-                          lambda: reference.layernorm_weighted_sum(nxt().unbind(0), lw, lb, a),
+                          lambda: ops.layernorm_weighted_sum(next_h(), lw, lb, a),
+                          lambda: reference.layernorm_weighted_sum(next_h().unbind(0), lw, lb, a),
                           reference.layernorm_weighted_sum, (list(h.unbind(0)), lw, lb, a),
                           bytes=(L + 1) * M * D * es, op="layernorm_weighted_sum"))
     if "multilevel_merge" in subjects:
@@ -213,10 +213,10 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
     if "resample_tokens" in subjects:
         B = p["resample_batch"]
         t = torch.randn(B, 37 * 37, D, device=device, dtype=dt)
-        nxt = _rotating(lambda: torch.randn_like(t), t.numel() * es, cache_bytes)
+        next_tokens = _rotating(lambda: torch.randn_like(t), t.numel() * es, cache_bytes)
         cases.append(Case("resample_tokens", f"B={B} 37x37->24x24 C={D} bilinear",
-                          lambda: ops.resample_tokens(nxt(), (37, 37), (24, 24)),
-                          lambda: reference.resample_tokens(nxt(), (37, 37), (24, 24)),
+                          lambda: ops.resample_tokens(next_tokens(), (37, 37), (24, 24)),
+                          lambda: reference.resample_tokens(next_tokens(), (37, 37), (24, 24)),
                           reference.resample_tokens, (t, (37, 37), (24, 24)),
                           ref_name="F.interpolate + permute + contiguous",
                           bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens"))

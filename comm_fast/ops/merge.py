@@ -4,7 +4,7 @@ Each public op validates its inputs, picks a backend, records it (comm_fast.info
 ``torch.library`` custom op (namespace ``comm_fast``), so torch.compile(fullgraph=True) traces it
 as one node. The custom ops have kernels for CPU and CUDA tensors; inside, ``backend`` selects
 the Triton kernels (comm_fast.kernels; on CPU only under TRITON_INTERPRET=1) or the torch path,
-which is shaped for speed (the merge is a single matmul over K = L·D, α folded into the
+which is shaped for speed (the merge accumulates its K = L·D GEMM into one output, α folded into the
 normalisation) rather than a per-layer composition. Backward passes are custom ops as well.
 
 Custom ops: comm_fast::layernorm_weighted_sum[_backward], comm_fast::multilevel_merge[_backward],
@@ -25,7 +25,7 @@ from comm_fast import _backend
 OPS = ("layernorm_weighted_sum", "multilevel_merge", "fused_mlp")
 _CPU_PATH = {
     "layernorm_weighted_sum": "(α folded into each LayerNorm's affine, accumulated in place)",
-    "multilevel_merge": "(all layers normalised at once, one matmul over K = L·D)",
+    "multilevel_merge": "(fused LayerNorm per layer, the K = L·D GEMM accumulated in one output)",
     "fused_mlp": "(addmm, activation, addmm; backward recomputes the activation)",
 }
 
@@ -239,18 +239,26 @@ def _lnws_torch_backward(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_
 
 
 def _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps):
-    dt = h[0].dtype
-    acc, L, N, D = _acc(dt), *weight.shape
-    x = _by_row(h, stacked, acc)  # [..., L, D]
-    M = x.shape[:-2].numel()
-    a = alpha.to(acc)[:, None]
-    # all layers normalised at once into the GEMM's A operand [M, L·D], α folded into the affine
-    A, mean, rstd = torch.native_layer_norm(x, (D,), None, None, eps)
-    A = torch.addcmul((a * ln_bias.to(acc)), A, (a * ln_weight.to(acc)), out=A).to(dt)
-    w_cat = weight.to(dt).permute(1, 0, 2).reshape(N, L * D)
-    bsum = (alpha.to(acc) @ bias.to(acc)).to(dt)
-    out = torch.addmm(bsum, A.reshape(M, L * D), w_cat.t())
-    return (out.view(*x.shape[:-2], N), mean.reshape(M, L).t().contiguous(), rstd.reshape(M, L).t().contiguous())
+    """The GEMM over K = L·D as L rank-D updates of one output, each fed by a fused LayerNorm of
+    one layer (α folded into its affine). Measured on 2 CPU cores (L=24, M=576, D=1024, fp32):
+    one addmm over a normalised [M, L·D] copy and a permuted [N, L·D] weight copy ran at 0.63x the
+    eager per-layer composition; this form writes no copy larger than one layer's [M, D]."""
+    layers = _layers(h, stacked)
+    dt, acc = layers[0].dtype, _acc(layers[0].dtype)
+    L, N, D = weight.shape
+    lead = layers[0].shape[:-1]
+    M = lead.numel()
+    gamma = alpha.to(acc)[:, None] * ln_weight.to(acc)
+    beta = alpha.to(acc)[:, None] * ln_bias.to(acc)
+    w = weight.to(dt)
+    mean = torch.empty(L, M, dtype=acc, device=layers[0].device)
+    rstd = torch.empty_like(mean)
+    out = (alpha.to(acc) @ bias.to(acc)).to(dt).expand(M, N).contiguous()
+    for l, x in enumerate(layers):
+        a, m, r = torch.native_layer_norm(x.to(acc), (D,), gamma[l], beta[l], eps)
+        mean[l], rstd[l] = m.reshape(M), r.reshape(M)
+        out.addmm_(a.to(dt).reshape(M, D), w[l].t())
+    return out.view(*lead, N), mean, rstd
 
 
 def _merge_torch_backward(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bias, alpha, need_h):
