@@ -320,7 +320,7 @@ def run_benchmarks(preset: str = "cpu-small", subjects=SUBJECTS, compile_ref: bo
         raise ValueError(f"ops: unknown subjects {sorted(unknown)}; choose from {SUBJECTS}")
     cache = 64 * 2**20 if device.type == "cpu" else 128 * 2**20
     bw = copy_bandwidth_gbs(device, 256 * 2**20 if device.type == "cpu" else 2 * 2**30)
-    tf = gemm_tflops(device, p["dtype"], 1024 if device.type == "cpu" else 8192)
+    tf = gemm_tflops(device, p["dtype"], 2048 if device.type == "cpu" else 8192)
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
                "threads": torch.get_num_threads(), "copy_gbs": round(bw, 1),
                f"gemm_tflops_{str(p['dtype']).split('.')[-1]}": round(tf, 3), "torch": torch.__version__,
