@@ -22,6 +22,14 @@ class Helpers:
     """Inputs in every layout the kernels accept, float64 references, and the accuracy rule."""
 
     @staticmethod
+    def grads(fn, leaves, params, grad, dtype):
+        """fn(leaves, params) in ``dtype``: its output and the grads of every leaf and parameter."""
+        ls = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
+        ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
+        out = fn(ls, ps)
+        return out.detach(), torch.autograd.grad(out, ls + ps, grad.to(dtype))
+
+    @staticmethod
     def rand(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
         return (torch.randn(*shape, dtype=torch.float64) * scale + shift).to(dtype)
 

@@ -20,13 +20,6 @@ def _params(H, L, D, dtype):
     return [H.rand(L, D, dtype=dtype, scale=0.5, shift=1.0), H.rand(L, D, dtype=dtype), H.rand(L, dtype=dtype)]
 
 
-def _run(fn, leaves, params, grad, dtype):
-    ls = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
-    ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
-    out = fn(ls, ps)
-    return out.detach(), torch.autograd.grad(out, ls + ps, grad.to(dtype))
-
-
 @pytest.mark.parametrize("L,lead,D,dtype,layout", CASES)
 def test_forward_backward(L, lead, D, dtype, layout, seed, H, poison):
     leaves, build = H.hidden(L, lead, D, dtype, layout)
@@ -38,9 +31,9 @@ def test_forward_backward(L, lead, D, dtype, layout, seed, H, poison):
     grad = H.rand(*out.shape, dtype=dtype)
     kernel = lambda ls, ps: LayerNormWeightedSum.apply(*ps, EPS, *build(ls)[1])  # noqa: E731
     ref = lambda ls, ps: H.ref_lnws(build(ls)[1], *ps, EPS)  # noqa: E731
-    k_out, k_grads = _run(kernel, leaves, params, grad, dtype)
-    r_out, r_grads = _run(ref, leaves, params, grad, torch.float64)
-    t_out, t_grads = (None, [None] * len(r_grads)) if dtype == torch.float64 else _run(ref, leaves, params, grad, dtype)
+    k_out, k_grads = H.grads(kernel, leaves, params, grad, dtype)
+    r_out, r_grads = H.grads(ref, leaves, params, grad, torch.float64)
+    t_out, t_grads = (None, [None] * len(r_grads)) if dtype == torch.float64 else H.grads(ref, leaves, params, grad, dtype)
 
     H.check("out (preallocated)", out, r_out, t_out)
     H.check("out", k_out, r_out, t_out)

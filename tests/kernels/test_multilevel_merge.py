@@ -37,13 +37,6 @@ def _params(H, L, D, N, dtype):
             H.rand(L, N, D, dtype=dtype, scale=D ** -0.5), H.rand(L, N, dtype=dtype), H.rand(L, dtype=dtype)]
 
 
-def _run(fn, leaves, params, grad, dtype):
-    ls = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
-    ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
-    out = fn(ls, ps)
-    return out.detach(), torch.autograd.grad(out, ls + ps, grad.to(dtype))
-
-
 @pytest.mark.parametrize("L,lead,D,N,dtype,layout", CASES)
 def test_forward_backward(L, lead, D, N, dtype, layout, seed, H, poison):
     leaves, build = H.hidden(L, lead, D, dtype, layout)
@@ -56,9 +49,9 @@ def test_forward_backward(L, lead, D, N, dtype, layout, seed, H, poison):
     grad = H.rand(*lead, N, dtype=dtype)
     kernel = lambda ls, ps: _Merge.apply(*ps, *build(ls)[1])  # noqa: E731
     ref = lambda ls, ps: H.ref_merge(build(ls)[1], *ps, EPS)  # noqa: E731
-    k_out, k_grads = _run(kernel, leaves, params, grad, dtype)
-    r_out, r_grads = _run(ref, leaves, params, grad, torch.float64)
-    t_out, t_grads = (None, [None] * len(r_grads)) if dtype == torch.float64 else _run(ref, leaves, params, grad, dtype)
+    k_out, k_grads = H.grads(kernel, leaves, params, grad, dtype)
+    r_out, r_grads = H.grads(ref, leaves, params, grad, torch.float64)
+    t_out, t_grads = (None, [None] * len(r_grads)) if dtype == torch.float64 else H.grads(ref, leaves, params, grad, dtype)
 
     H.check("out (preallocated)", out, r_out, t_out)
     H.check("out", k_out, r_out, t_out)
