@@ -5,7 +5,6 @@ happened rather than what was hoped for.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 import warnings
@@ -58,9 +57,3 @@ def warn_once(key: str, message: str) -> None:
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    return True, "triton importable"
