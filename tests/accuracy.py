@@ -1,0 +1,78 @@
+"""Float64 references of the merge ops and the one accuracy rule every kernel and op test applies."""
+import torch
+import torch.nn.functional as F
+
+ACT = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+       "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0, shift=0.0, device="cpu"):
+    return (torch.randn(*shape, dtype=torch.float64, device=device) * scale + shift).to(dtype)
+
+
+def grads(fn, leaves, params, grad, dtype):
+    """fn(leaves, params) in ``dtype``: its output and the grads of every leaf and parameter."""
+    ls = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
+    ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
+    out = fn(ls, ps)
+    return out.detach(), torch.autograd.grad(out, ls + ps, grad.to(dtype))
+
+
+def ref_lnws(layers, w, b, a, eps=1e-5):
+    return sum(a[l] * F.layer_norm(x, x.shape[-1:], w[l], b[l], eps) for l, x in enumerate(layers))
+
+
+def ref_merge(layers, w, b, W, bias, a, eps=1e-5):
+    return sum(a[l] * F.linear(F.layer_norm(x, x.shape[-1:], w[l], b[l], eps), W[l], bias[l])
+               for l, x in enumerate(layers))
+
+
+def ref_mlp(x, w1, b1, w2, b2, act="gelu"):
+    return F.linear(ACT[act](F.linear(x, w1, b1)), w2, b2)
+
+
+def alpha_terms(layers, ln_weight, ln_bias, grad, weight=None, bias=None, eps=1e-5):
+    """Σ|terms| of d alpha_l = Σ grad · y_l (y_l = LN_l(h_l), or LN_l(h_l) W_lᵀ + b_l), per layer, float64.
+
+    d alpha is one long dot product whose terms cancel to a result far smaller than they are (a
+    16000x cancellation is common at L = 1), so its rounding floor is eps x Σ|terms|, not eps x |result|.
+    """
+    g = grad.double().abs().flatten(0, -2)
+    out = []
+    for l, x in enumerate(layers):
+        x = x.double().flatten(0, -2)
+        xhat = (x - x.mean(-1, keepdim=True)) * (x.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+        y = xhat.abs() * ln_weight[l].double().abs() + ln_bias[l].double().abs()
+        if weight is not None:
+            y = y @ weight[l].double().abs().T + bias[l].double().abs()
+        out.append((g * y).sum())
+    return torch.stack(out)
+
+
+def check(name, got, ref64, same_dtype=None, terms=None):
+    """``got`` against the float64 reference ``ref64``.
+
+    float64 (same_dtype None): tight. Otherwise within 2x PyTorch's own error in that dtype (``same_dtype``,
+    the reference computed in it) plus an atol: two ulps of the scale for 16-bit (fused_mlp's bf16 dw2, its activation recomputed from
+    the stored 16-bit pre-activation, lands ~2 ulps off in a few seeds where torch lands under one), 64 ulps of max(scale, 1)
+    for fp32 (long reductions round at the size of partial sums), plus one fp32 ulp of ``terms`` (Σ|terms|
+    of a reduction, elementwise; the kernels accumulate in fp32) where given.
+    """
+    assert got is not None, name
+    got = got.double()
+    assert not torch.isnan(got).any(), f"{name}: NaN (an unwritten or poisoned element)"
+    err = (got - ref64).abs()
+    scale = max(ref64.abs().max().item(), 1e-30)
+    if same_dtype is None:
+        assert err.max().item() <= 1e-9 * (1 + scale), f"{name}: max error {err.max().item():.3g} at scale {scale:.3g}"
+        return
+    base = (same_dtype.double() - ref64).abs().max().item()
+    eps = torch.finfo(same_dtype.dtype).eps
+    atol = eps * 64 * max(scale, 1.0) if same_dtype.dtype == torch.float32 else eps * 2 * scale
+    allowed = torch.full_like(err, 2 * base + atol)
+    if terms is not None:
+        allowed = allowed + torch.finfo(torch.float32).eps * terms.to(err)
+    worst = (err - allowed).argmax()
+    e, a = err.flatten()[worst].item(), allowed.flatten()[worst].item()
+    assert e <= a, f"{name}: error {e:.3g} > allowed {a:.3g} (2 x torch's {base:.3g} + atol {atol:.3g}" + \
+        (", + eps x Σ|terms|)" if terms is not None else ")")
