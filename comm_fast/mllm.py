@@ -311,7 +311,15 @@ class COMMForCausalLM(nn.Module):
         with _range("vision"):
             features = self.image_features(pixel_values, images)
         with _range("llm_forward"):
-            return self._forward_llm(input_ids, attention_mask, features, labels, position_ids, return_logits)
+            out = self._forward_llm(input_ids, attention_mask, features, labels, position_ids, return_logits)
+        if features is None and out.loss_sum is not None and torch.is_grad_enabled():
+            # A text-only batch leaves the tower's trainable modules out of the graph, yet DDP and FSDP2
+            # wait for a grad of every trainable parameter on every rank: they join with weight 0.
+            unused = [p.sum().float() for p in self.vision.parameters() if p.requires_grad]
+            if unused:
+                out.loss_sum = out.loss_sum + 0.0 * torch.stack(unused).sum()
+                out.loss = out.loss_sum / max(out.num_label_tokens, 1)
+        return out
 
     def _forward_llm(self, input_ids, attention_mask, features, labels, position_ids, return_logits) -> COMMOutput:
         n_img = 0 if features is None else features.shape[0]

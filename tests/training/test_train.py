@@ -68,10 +68,23 @@ def test_bad_input_is_reported_and_writes_nothing(tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def mixed_data(directory, n=16):
+    """The synthetic set with every other record text-only (as LLaVA's mix holds text-only dialogues)."""
+    assert cli(["make-data", "synthetic", "--n", str(n), "--out", str(directory)]) == 0
+    path = directory / "finetune.json"
+    records = json.loads(path.read_text())
+    for rec in records[1::2]:
+        del rec["image"]
+        rec["conversations"][0]["value"] = rec["conversations"][0]["value"].replace("<image>\n", "")
+    path.write_text(json.dumps(records))
+    return directory
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_process_gloo_run_equals_one_process(tmp_path, engine):
+    """Text-only micro-batches included: a rank whose batch has no image still reduces the tower's grads."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--steps", "3", "--pack", "--save-every", "3"]
+    common = ["--steps", "3", "--pack", "--save-every", "3", "--data", str(mixed_data(tmp_path / "data"))]
     assert train(one, *common, "--grad-accum", "2") == 0  # same global batch: 2 x 2 samples
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
