@@ -51,6 +51,22 @@ def empty(shape, dtype, device):
     return _empty(shape, dtype, device)
 
 
+_TABLES: dict = {}
+
+
+def _device_table(rows: tuple, device: torch.device) -> torch.Tensor:
+    """The [L, 3] table on ``device``, cached by its contents: the offsets are relative to the first
+    layer, so every call on views of one buffer of a given shape (the tower's case) reuses one table
+    with no host-to-device copy (and none inside a captured CUDA graph once warmed up)."""
+    key = (device, rows)
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= 256:  # lists of separate tensors give new offsets each call: bounded
+            _TABLES.pop(next(iter(_TABLES)))
+        table = _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+    return table
+
+
 def layer_table(layers: list[torch.Tensor]):
     """(base, table, M2, keep, align): the layers addressed from one base pointer, no stack copy.
 
@@ -80,7 +96,7 @@ def layer_table(layers: list[torch.Tensor]):
         delta = x.data_ptr() - base.data_ptr()
         assert delta % esize == 0, "layers of one dtype are element-aligned"
         rows.append((delta // esize, x.stride(outer[-1]) if outer else 0, x.stride(inner[-1]) if inner else 0))
-    table = torch.tensor(rows, dtype=torch.int64).to(base.device)
+    table = _device_table(tuple(rows), base.device)
     vec = max(1, 16 // esize)
     ok = base.data_ptr() % 16 == 0 and base.shape[-1] % vec == 0 and all(v % vec == 0 for r in rows for v in r)
     return base, table, max(m2, 1), layers, (vec if ok else 1)
