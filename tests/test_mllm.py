@@ -233,3 +233,20 @@ def test_stages_freeze_what_the_paper_freezes(model):
     assert fin == heads | {n for n, _ in model.named_parameters() if n.startswith("llm.")}
     assert configure_stage(model, "pretrain", True) == fin
     assert not any(n.startswith(("vision.clip.", "vision.dino.")) for n in fin)
+
+
+def test_text_only_batch_gives_zero_grads_to_the_tower_heads(model):
+    """No image: the loss is the text's, and every trainable tower parameter still gets a (zero) grad,
+    which DDP/FSDP2 wait for; in the pretrain stage (LLM frozen) the batch still backpropagates."""
+    from comm_fast.training.train import configure_stage
+
+    conv = [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]
+    s = sample(model, conv)
+    ids, labels = torch.from_numpy(s.input_ids)[None], torch.from_numpy(s.labels)[None]
+    configure_stage(model, "pretrain", None)
+    out = model(ids, labels=labels)
+    with torch.no_grad():
+        assert torch.equal(out.loss.detach(), model(ids, labels=labels).loss)
+    out.loss.backward()
+    heads = [p for p in model.vision.parameters() if p.requires_grad]
+    assert heads and all(p.grad is not None and not p.grad.any() for p in heads)
