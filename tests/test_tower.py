@@ -131,8 +131,8 @@ def test_streaming_inference_memory_does_not_grow_with_merged_layers(tmp_path, s
     clip_hf, dino_hf = hf_clip(num_hidden_layers=6), hf_dinov2(num_hidden_layers=6)
     clip_hf.save_pretrained(tmp_path / "clip")
     dino_hf.save_pretrained(tmp_path / "dino")
-    px = torch.randn(16, 3, 112, 112)  # 65 tokens x 64 channels x 16 images = 266 kB per hidden state
-    one_state_mb = 16 * 65 * 64 * 4 / 2**20
+    px = torch.randn(32, 3, 112, 112)  # 65 tokens x 64 channels x 32 images = 532 kB per hidden state
+    one_state_mb = 32 * 65 * 64 * 4 / 2**20
 
     def peak(layers, grad):
         tower = COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "dino", clip_layers=layers,
@@ -140,7 +140,8 @@ def test_streaming_inference_memory_does_not_grow_with_merged_layers(tmp_path, s
                                                 dino_image_size=112).eval()
         with torch.set_grad_enabled(grad):
             tower(px, px)  # warm the position-embedding cache
-            return peak_memory_mb(lambda: tower(px, px), torch.device("cpu"))
+            # the heap also serves the interpreter and the thread pool: noise only adds, so the least of three
+            return min(peak_memory_mb(lambda: tower(px, px), torch.device("cpu")) for _ in range(3))
 
     streaming_growth = peak((1, 2, 3, 4, 5, 6), False) - peak((5, 6), False)
     buffered_growth = peak((1, 2, 3, 4, 5, 6), True) - peak((5, 6), True)
