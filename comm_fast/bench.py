@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -100,11 +101,19 @@ def peak_memory_mb(fn: Callable, device) -> float | None:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _heap_in_use()
-    if base is None:
+    if _heap_in_use() is None:
         return None
-    with _SampleHeap() as mode:
-        fn()
+    # Garbage of earlier work, freed by a collection in the middle of fn(), would hide fn's own peak.
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        base = _heap_in_use()
+        with _SampleHeap() as mode:
+            fn()
+    finally:
+        if enabled:
+            gc.enable()
     return max(0, mode.peak - base) / 2**20
 
 
