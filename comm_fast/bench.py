@@ -33,7 +33,7 @@ PRESETS = {
                  resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, reps=20),
 }
 SUBJECTS = ("layernorm_weighted_sum", "multilevel_merge", "multilevel_merge_fwd_bwd", "fused_mlp",
-            "resample_tokens", "interpolate_pos_embed", "joint_preprocess", "tower")
+            "resample_tokens", "resample_tokens_into_slot", "interpolate_pos_embed", "joint_preprocess", "tower")
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -219,15 +219,25 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
                           lambda: reference.mlp(x, w1, b1, w2, b2, "gelu"),
                           reference.mlp, (x, w1, b1, w2, b2, "gelu"),
                           bytes=(2 * M * D + 2 * D * H) * es, flops=2 * 2 * M * D * H, op="fused_mlp"))
-    if "resample_tokens" in subjects:
+    if {"resample_tokens", "resample_tokens_into_slot"} & set(subjects):
         B = p["resample_batch"]
         t = torch.randn(B, 37 * 37, D, device=device, dtype=dt)
         next_tokens = _rotating(lambda: torch.randn_like(t), t.numel() * es, cache_bytes)
+    if "resample_tokens" in subjects:
         cases.append(Case("resample_tokens", f"B={B} 37x37->24x24 C={D} bilinear",
                           lambda: ops.resample_tokens(next_tokens(), (37, 37), (24, 24)),
                           lambda: reference.resample_tokens(next_tokens(), (37, 37), (24, 24)),
                           reference.resample_tokens, (t, (37, 37), (24, 24)),
                           ref_name="F.interpolate + permute + contiguous",
+                          bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens"))
+    if "resample_tokens_into_slot" in subjects:
+        # the tower's use: DINOv2's tokens written into their half of the concatenated [B, N, 2C] features
+        slot = torch.empty(B, 24 * 24, 2 * D, device=device, dtype=dt)[..., D:]
+        cases.append(Case("resample_tokens_into_slot", f"B={B} 37x37->24x24 C={D} bilinear, out= [B,N,2C] half",
+                          lambda: ops.resample_tokens(next_tokens(), (37, 37), (24, 24), out=slot),
+                          lambda: slot.copy_(reference.resample_tokens(next_tokens(), (37, 37), (24, 24))),
+                          lambda x: slot.copy_(reference.resample_tokens(x, (37, 37), (24, 24))), (t,),
+                          ref_name="F.interpolate + permute + contiguous, copied into the slot",
                           bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens"))
     if "interpolate_pos_embed" in subjects:
         pos = torch.randn(1, 1 + 37 * 37, D, device=device, dtype=dt)
