@@ -4,13 +4,8 @@
 
 #include "patch_parallel.h"
 
-#include <cstdint>
 #include <cstring>
 #include <type_traits>
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 // The hot loops are compiled twice, for AVX2 and for the baseline ISA, and picked at load time:
 // the extension is built without -march flags so that it runs on any x86-64.
@@ -85,32 +80,6 @@ void store<at::BFloat16>(at::BFloat16* __restrict dst, const float* __restrict a
   store_bf16(reinterpret_cast<uint16_t*>(dst), acc, n);
 }
 
-// Outputs larger than the caches are written with non-temporal stores: no read-for-ownership of
-// each output line (a third of the traffic of a 2x2-tap resample), nothing evicted for lines that
-// would be flushed anyway. Smaller outputs stay cached for whoever reads them next.
-constexpr int64_t kStreamingStoreBytes = int64_t(8) << 20;
-
-void stream_bytes(void* dst, const void* src, int64_t nbytes) {
-  auto* d = static_cast<char*>(dst);
-  const auto* s = static_cast<const char*>(src);
-#if defined(__SSE2__)
-  const int64_t head = std::min<int64_t>(nbytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
-  std::memcpy(d, s, head);
-  int64_t i = head;
-  for (; i + 16 <= nbytes; i += 16)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-  std::memcpy(d + i, s + i, nbytes - i);
-#else
-  std::memcpy(d, s, nbytes);
-#endif
-}
-
-void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();  // the streamed lines are visible before the task returns
-#endif
-}
-
 template <typename T>
 void resample_impl(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw,
                    const AxisTaps& ty, const AxisTaps& tx) {
@@ -121,18 +90,15 @@ void resample_impl(const at::Tensor& in, const at::Tensor& out, int64_t sw, int6
   T* dst = out.mutable_data_ptr<T>();
   // One task per output row of one image; the channel loop is the vectorised one.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, dw * C));
-  const bool streaming = B * dh * dw * C * int64_t(sizeof(T)) >= kStreamingStoreBytes;
   comm_fast::parallel_for(0, B * dh, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(C);
-    std::vector<T> row_out(streaming && !std::is_same<T, float>::value ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / dh, oy = r % dh;
       const T* img = src + b * in_sb;
       for (int64_t ox = 0; ox < dw; ++ox) {
         T* o = dst + b * out_sb + (oy * dw + ox) * out_sn;
-        // fp32 outputs accumulate in place (or, streaming, in an L1-resident row); other dtypes in an
-        // fp32 row, converted once.
-        float* acc = std::is_same<T, float>::value && !streaming ? reinterpret_cast<float*>(o) : scratch.data();
+        // fp32 outputs accumulate in place; other dtypes in an fp32 row, converted once.
+        float* acc = std::is_same<T, float>::value ? reinterpret_cast<float*>(o) : scratch.data();
         // Taps in groups of 4, so the channel row is read and written once per group.
         const T* ptr[4];
         float w[4];
@@ -155,17 +121,9 @@ void resample_impl(const at::Tensor& in, const at::Tensor& out, int64_t sw, int6
           first = false;
         }
         if (first) std::fill(acc, acc + C, 0.0f);  // no taps (cannot happen for valid sizes)
-        if constexpr (std::is_same<T, float>::value) {
-          if (streaming) stream_bytes(o, acc, C * int64_t(sizeof(float)));
-        } else if (streaming) {
-          store(row_out.data(), acc, C);
-          stream_bytes(o, row_out.data(), C * int64_t(sizeof(T)));
-        } else {
-          store(o, acc, C);
-        }
+        if (!std::is_same<T, float>::value) store(o, acc, C);
       }
     }
-    if (streaming) stream_fence();
   });
 }
 
