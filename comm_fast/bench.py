@@ -27,7 +27,7 @@ from comm_fast import _backend, reference
 PRESETS = {
     # CPU, fp32, sized for 2 cores and a few minutes: one 336px image for the merges
     "cpu-small": dict(dtype=torch.float32, clip_l=24, dino_l=6, d=1024, tokens=576, batch=1, mlp_hidden=4096,
-                      resample_batch=8, images=32, tower_batch=2, tower_dim=256, tower_heads=4, reps=5),
+                      resample_batch=8, images=32, tower_batch=2, tower_dim=256, tower_heads=4, reps=7),
     # the real sizes of the paper's model: CLIP ViT-L/14 at 336, batch 32, bf16
     "h200": dict(dtype=torch.bfloat16, clip_l=24, dino_l=6, d=1024, tokens=576, batch=32, mlp_hidden=4096,
                  resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, reps=20),
@@ -42,25 +42,40 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable, device, reps: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in milliseconds after warm-up."""
-    for _ in range(warmup):
+def _time_once(fn: Callable, device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_ms(fn: Callable, device, reps: int, warmup: int = 2, stat: Callable = statistics.median) -> float:
+    """Median (or ``stat``) wall time of ``fn()`` in milliseconds after warm-up."""
+    return time_interleaved({"fn": fn}, device, reps, warmup, stat)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable], device, reps: int, warmup: int = 2,
+                     stat: Callable = statistics.median) -> dict[str, float]:
+    """Median milliseconds of each function after warm-up, the functions run in rotation (one call
+    each per round, the starting one rotating) so that a shared machine's drifts in speed fall on
+    all of them alike and the ratios between them hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(_time_once(fns[name], device))
+    return {name: stat(t) for name, t in times.items()}
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -121,14 +136,14 @@ def copy_bandwidth_gbs(device, nbytes: int) -> float:
     """Measured copy bandwidth (bytes read + written per second)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, reps=10)
+    ms = time_ms(lambda: dst.copy_(src), device, reps=10, stat=min)  # a ceiling: the best of the runs
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def gemm_tflops(device, dtype, n: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b, device, reps=10)
+    ms = time_ms(lambda: a @ b, device, reps=10, stat=min)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -231,7 +246,7 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
                           ref_name="F.interpolate + permute + contiguous",
                           bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens"))
     if "resample_tokens_into_slot" in subjects:
-        # the tower's use: DINOv2's tokens written into their half of the concatenated [B, N, 2C] features
+        # the out= path: DINOv2's tokens written into their half of a concatenated [B, N, 2C] buffer
         slot = torch.empty(B, 24 * 24, 2 * D, device=device, dtype=dt)[..., D:]
         cases.append(Case("resample_tokens_into_slot", f"B={B} 37x37->24x24 C={D} bilinear, out= [B,N,2C] half",
                           lambda: ops.resample_tokens(next_tokens(), (37, 37), (24, 24), out=slot),
@@ -366,25 +381,34 @@ def _progress(items, enabled):
 
 def _measure(case: Case, p, device, bw_gbs, tflops, compile_ref) -> dict:
     reps = p["reps"]
+    if case.name == "tower":  # its reference takes seconds per call on a CPU
+        reps = max(3, reps // 2)
     before = _backend.last_used().get(case.op, {})
-    ms = time_ms(case.fused, device, reps)
+    case.fused()
     used = _backend.last_used().get(case.op, before) if case.op else {}
-    ref_ms = time_ms(case.ref, device, max(3, reps // 2) if case.name in ("tower", "joint_preprocess") else reps)
-    compile_ms, note = None, []
+    fns = {"fused": case.fused, "ref": case.ref, **case.extra}
+    note = []
     if case.compile_target is not None and device.type == "cpu" and not case.compile_on_cpu:
         note.append("torch.compile baseline skipped on CPU (its compile time alone exceeds the preset's budget)")
     elif case.compile_target is not None and compile_ref:
+        compiled = torch.compile(case.compile_target)
+        grad_off = isinstance(case.compile_target, torch.nn.Module)
+
+        def run_compiled():
+            with torch.no_grad() if grad_off else _nullcontext():
+                return compiled(*case.compile_args)
         try:
-            compiled = torch.compile(case.compile_target)
-            with torch.no_grad() if isinstance(case.compile_target, torch.nn.Module) else _nullcontext():
-                compile_ms = time_ms(lambda: compiled(*case.compile_args), device, reps)
+            run_compiled()  # compiles here, outside the timed rounds
+            fns["compile"] = run_compiled
         except Exception as exc:  # no compiler on this machine, or an inductor failure
             note.append(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     elif case.compile_target is None:
         note.append("no torch.compile baseline for this subject")
     else:
         note.append("torch.compile skipped (--no-compile)")
-    extra = {name: round(time_ms(fn, device, max(3, reps // 2)), 3) for name, fn in case.extra.items()}
+    times = time_interleaved(fns, device, reps)
+    ms, ref_ms, compile_ms = times.pop("fused"), times.pop("ref"), times.pop("compile", None)
+    extra = {name: round(value, 3) for name, value in times.items()}
     backend = used.get("backend", "?")
     if backend == "torch" and case.op not in (None,) and device.type == "cuda":
         note.append("fused op fell back to torch")
