@@ -19,13 +19,6 @@ def _params(H, D1, Hd, D2, dtype):
             H.rand(D2, Hd, dtype=dtype, scale=Hd ** -0.5), H.rand(D2, dtype=dtype)]
 
 
-def _run(fn, x, params, grad, dtype):
-    x = x.detach().to(dtype).requires_grad_(True)
-    ps = [p.detach().to(dtype).requires_grad_(True) for p in params]
-    out = fn(x, ps)
-    return out.detach(), torch.autograd.grad(out, [x, *ps], grad.to(dtype))
-
-
 @pytest.mark.parametrize("lead,D1,Hd,D2,dtype,act", CASES)
 def test_forward_backward(lead, D1, Hd, D2, dtype, act, seed, H, poison):
     x = H.rand(*lead, D1, dtype=dtype, scale=2.0)
@@ -36,11 +29,11 @@ def test_forward_backward(lead, D1, Hd, D2, dtype, act, seed, H, poison):
     assert res is out and pre.shape == (x.numel() // D1, Hd)
 
     grad = H.rand(*lead, D2, dtype=dtype)
-    kernel = lambda x, ps: FusedMLP.apply(x, *ps, act)  # noqa: E731
-    ref = lambda x, ps: H.ref_mlp(x, *ps, act)  # noqa: E731
-    k_out, k_grads = _run(kernel, x, params, grad, dtype)
-    r_out, r_grads = _run(ref, x, params, grad, torch.float64)
-    t_out, t_grads = (None, [None] * 5) if dtype == torch.float64 else _run(ref, x, params, grad, dtype)
+    kernel = lambda ls, ps: FusedMLP.apply(ls[0], *ps, act)  # noqa: E731
+    ref = lambda ls, ps: H.ref_mlp(ls[0], *ps, act)  # noqa: E731
+    k_out, k_grads = H.grads(kernel, [x], params, grad, dtype)
+    r_out, r_grads = H.grads(ref, [x], params, grad, torch.float64)
+    t_out, t_grads = (None, [None] * 5) if dtype == torch.float64 else H.grads(ref, [x], params, grad, dtype)
 
     H.check("out (preallocated)", out, r_out, t_out)
     H.check("out", k_out, r_out, t_out)
