@@ -107,3 +107,19 @@ def layer_rows(tab_ptr, l, r1, r2, ALIGN: tl.constexpr):
     """Element offsets (from base) of the rows (r1, r2) = (m // M2, m % M2) in layer l."""
     off = tl.load(tab_ptr + 3 * l) + r1 * tl.load(tab_ptr + 3 * l + 1) + r2 * tl.load(tab_ptr + 3 * l + 2)
     return tl.multiple_of(off, ALIGN)
+
+
+# The interpreter casts fp32 -> bf16 by truncation (triton 3.6-3.9); compiled code rounds to nearest
+# even (cvt.rn). Stores go through cast_to so that CPU tests see the rounding the GPU does.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast_to(x, DTYPE: tl.constexpr):
+    """``x.to(DTYPE)`` rounded to nearest even."""
+    if _ROUND_BF16_BY_HAND and DTYPE == tl.bfloat16:
+        x32 = x.to(tl.float32)
+        bits = x32.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16  # round the upper half; truncation keeps it
+        x = tl.where(x32 != x32, x32, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+    return x.to(DTYPE)

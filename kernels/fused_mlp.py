@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from comm_fast.kernels import _utils
+from comm_fast.kernels._utils import cast_to
 from comm_fast.kernels.layernorm_weighted_sum import _check_device
 from comm_fast.kernels.multilevel_merge import _CPU_CONFIG, _GEMM_CONFIGS, _dot_args, _grouped
 
@@ -84,14 +85,14 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, aux2_ptr, M, N, K,
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(ACC)[None, :]
     if EPI == 2:
         if STORE_AUX:
-            tl.store(aux_ptr + offs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+            tl.store(aux_ptr + offs, cast_to(acc, aux_ptr.dtype.element_ty), mask=mask)
         acc = _act(acc, ACT)
     if EPI == 3:
         pre = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(ACC)
         acc = acc * _act_grad(pre, ACT)
         if STORE_AUX:
-            tl.store(aux2_ptr + offs, _act(pre, ACT).to(aux2_ptr.dtype.element_ty), mask=mask)
-    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(aux2_ptr + offs, cast_to(_act(pre, ACT), aux2_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + offs, cast_to(acc, c_ptr.dtype.element_ty), mask=mask)
 
 
 _mm = _utils.autotune(_GEMM_CONFIGS, _CPU_CONFIG, key=["M", "N", "K", "EPI"])(_mm_kernel)

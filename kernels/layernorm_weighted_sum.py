@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from comm_fast.kernels import _utils
-from comm_fast.kernels._utils import layer_rows
+from comm_fast.kernels._utils import cast_to, layer_rows
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _lnws_fwd_kernel(h_ptr, tab_ptr, M2, w_ptr, b_ptr, alpha_ptr, out_ptr, M, D,
         w = tl.load(w_ptr + l * D + cols, mask=cmask, other=0.0).to(ACC) * a
         b = tl.load(b_ptr + l * D + cols, mask=cmask, other=0.0).to(ACC) * a
         acc += xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], cast_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def ln_backward_kernel(h_ptr, tab_ptr, M2, g_ptr, stride_gl, scale_ptr, mean_ptr
                 c1 = tl.sum(g, 1) / D
                 c2 = tl.sum(g * xhat, 1) / D
                 dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-                tl.store(dh_ptr + (l * M + rows[:, None]) * D + cols[None, :], dx.to(dh_ptr.dtype.element_ty),
+                tl.store(dh_ptr + (l * M + rows[:, None]) * D + cols[None, :], cast_to(dx, dh_ptr.dtype.element_ty),
                          mask=mask)
         if PARTIALS:
             tl.store(s1_ptr + (pid * L + l) * D + cols, s1, mask=cmask)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from comm_fast.kernels import _utils
-from comm_fast.kernels._utils import layer_rows
+from comm_fast.kernels._utils import cast_to, layer_rows
 from comm_fast.kernels.layernorm_weighted_sum import _check_device, ln_backward_kernel, row_config
 
 _GEMM_CONFIGS = [
@@ -91,7 +91,7 @@ def _merge_fwd_kernel(h_ptr, tab_ptr, M2, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, 
         else:
             acc = tl.dot(a.to(h_ptr.dtype.element_ty), w.to(h_ptr.dtype.element_ty), acc)
     acc += tl.load(bsum_ptr + rn, mask=nmask, other=0.0).to(ACC)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], cast_to(acc, out_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
 
@@ -132,7 +132,7 @@ def _merge_dw_kernel(dy_ptr, h_ptr, tab_ptr, M2, mean_ptr, rstd_ptr, lnw_ptr, ln
     mask = nmask[:, None] & kmask[None, :]
     w = tl.load(w_ptr + l * stride_wl + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0.0).to(ACC)
     dw = a_l * (acc * gamma[None, :] + s[:, None] * beta[None, :])
-    tl.store(dw_ptr + (l * N + rn[:, None]) * D + rk[None, :], dw.to(dw_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + (l * N + rn[:, None]) * D + rk[None, :], cast_to(dw, dw_ptr.dtype.element_ty), mask=mask)
     tl.store(p_ptr + (pid_n * L + l) * D + rk, tl.sum(w * acc, 0), mask=kmask)
     tl.store(q_ptr + (pid_n * L + l) * D + rk, tl.sum(w * s[:, None], 0), mask=kmask)
 
@@ -162,7 +162,7 @@ def _merge_dg_kernel(dy_ptr, w_ptr, lnw_ptr, alpha_ptr, g_ptr, M, N, D, L, strid
             acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc)
     scale = tl.load(lnw_ptr + l * D + rk, mask=kmask, other=0.0).to(ACC) * tl.load(alpha_ptr + l).to(ACC)
     g = acc * scale[None, :]
-    tl.store(g_ptr + (l * M + rm[:, None]) * D + rk[None, :], g.to(g_ptr.dtype.element_ty),
+    tl.store(g_ptr + (l * M + rm[:, None]) * D + rk[None, :], cast_to(g, g_ptr.dtype.element_ty),
              mask=mmask[:, None] & kmask[None, :])
 
 

@@ -2,7 +2,7 @@
 
 CLIP ViT-L/14 at 336: L = 24, D = 1024, 576 patch tokens (CLS dropped from 577), batch 32, bf16;
 DINOv2 merge: L = 6 (CLS + 4 register tokens dropped). References in float64 on the GPU; the
-accuracy rule is the CPU tests' one (tests/accuracy.py: 2x PyTorch's own bf16 error plus two bf16 ulps of
+accuracy rule is the CPU tests' one (tests/accuracy.py: 2x PyTorch's own bf16 error plus one bf16 ulp of
 the scale; d alpha also one fp32 ulp of its Σ|terms|).
 """
 import pytest

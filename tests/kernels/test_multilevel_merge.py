@@ -108,13 +108,3 @@ def test_gradcheck_float64(seed, H):
     assert torch.autograd.gradcheck(lambda *args: _Merge.apply(*args), (*params, *h), eps=1e-6, atol=1e-7,
                                     fast_mode=True)
 
-
-def test_layer_table_is_reused_for_views_of_one_buffer(H):
-    """The tower's case: no new table (no host-to-device copy) for a fresh buffer of the same shape."""
-    from comm_fast.kernels import _utils
-
-    first, second = (H.rand(4, 2, 9, 16)[:, :, 1:] for _ in range(2))
-    base, table, m2, _, _ = _utils.layer_table(list(first.unbind(0)))
-    assert _utils.layer_table(list(second.unbind(0)))[1] is table
-    assert base.data_ptr() == first.data_ptr() and m2 == 8
-    assert table.tolist() == [[l * 2 * 9 * 16, 9 * 16, 16] for l in range(4)]
