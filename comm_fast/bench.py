@@ -116,14 +116,14 @@ def peak_memory_mb(fn: Callable, device) -> float | None:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if _heap_in_use() is None:
-        return None
     # Garbage of earlier work, freed by a collection in the middle of fn(), would hide fn's own peak.
     gc.collect()
+    base = _heap_in_use()
+    if base is None:
+        return None
     enabled = gc.isenabled()
     gc.disable()
     try:
-        base = _heap_in_use()
         with _SampleHeap() as mode:
             fn()
     finally:

@@ -75,3 +75,18 @@ def check(name, got, ref64, same_dtype=None, terms=None):
     e, a = err.flatten()[worst].item(), allowed.flatten()[worst].item()
     assert e <= a, f"{name}: error {e:.3g} > allowed {a:.3g} (2 x torch's {base:.3g} + atol {atol:.3g}" + \
         (", + eps x Σ|terms|)" if terms is not None else ")")
+
+
+def compare(fn, ref, leaves, params, grad, dtype, names, terms=None):
+    """fn against ref, both fn(leaves, params): the output and the grads of every leaf and parameter
+    (``names``, in that order) in ``dtype`` against float64, with torch's own ``dtype`` error as the
+    yardstick. ``terms``: Σ|terms| of the last grad (d alpha) where it has one.
+    Returns (fn's output, the float64 reference output, the reference output in ``dtype`` or None)."""
+    out, g = grads(fn, leaves, params, grad, dtype)
+    r_out, r_g = grads(ref, leaves, params, grad, torch.float64)
+    t_out, t_g = (None, [None] * len(r_g)) if dtype == torch.float64 else grads(ref, leaves, params, grad, dtype)
+    assert out.dtype == dtype and len(names) == len(g)
+    check("out", out, r_out, t_out)
+    for i, (name, k, r, t) in enumerate(zip(names, g, r_g, t_g)):
+        check(name, k, r, t, terms if i == len(names) - 1 else None)
+    return out, r_out, t_out

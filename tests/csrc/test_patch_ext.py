@@ -40,10 +40,13 @@ def tol(dtype):
     return {torch.float32: 2e-5, torch.float64: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
 
 
+# every grid x mode x dtype, for the CPU kernel here and the CUDA kernel below
+RESAMPLE_CASES = [(src, dst, mode, dtype) for dtype in (torch.float32, torch.bfloat16)
+                  for mode in ("bilinear", "bicubic", "area", "bicubic_aa") for src, dst in GRIDS]
+
+
 @needs_ext
-@pytest.mark.parametrize("src,dst", GRIDS)
-@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "area", "bicubic_aa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("src,dst,mode,dtype", RESAMPLE_CASES)
 def test_resample_matches_interpolate(seed, src, dst, mode, dtype):
     t = torch.randn(3, src[0] * src[1], 40).to(dtype)
     got = _C.resample_tokens(t, *src, *dst, mode)
@@ -254,9 +257,7 @@ needs_cuda_ext = pytest.mark.skipif(not _ext.has_cuda(), reason="comm_fast._C bu
 
 @pytest.mark.gpu
 @needs_cuda_ext
-@pytest.mark.parametrize("src,dst", GRIDS)
-@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "area", "bicubic_aa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("src,dst,mode,dtype", RESAMPLE_CASES)
 def test_cuda_resample_matches_cpu(seed, src, dst, mode, dtype):
     t = torch.randn(3, src[0] * src[1], 72).to(dtype)
     cpu = _C.resample_tokens(t, *src, *dst, mode)

@@ -22,6 +22,7 @@ class Helpers:
     ref_mlp = staticmethod(accuracy.ref_mlp)
     alpha_terms = staticmethod(accuracy.alpha_terms)
     check = staticmethod(accuracy.check)
+    compare = staticmethod(accuracy.compare)
 
     @staticmethod
     def hidden(L, lead, D, dtype, layout):

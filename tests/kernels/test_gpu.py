@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import accuracy
-from accuracy import check, grads, ref_lnws, ref_merge, ref_mlp
+from accuracy import check, compare, ref_lnws, ref_merge, ref_mlp
 from comm_fast import _backend, ops
 
 pytestmark = pytest.mark.gpu
@@ -26,6 +26,8 @@ def merge_params(L, D, N):
 
 
 @pytest.mark.parametrize("L,T,drop", [(24, 577, 1), (6, 581, 5)])  # CLIP; DINOv2 with 4 registers
+
+
 def test_merge_real_size(L, T, drop, seed):
     full = rand(L, 32, T, 1024, scale=2.0, shift=0.3)
     params = merge_params(L, 1024, 1024)
@@ -35,16 +37,10 @@ def test_merge_real_size(L, T, drop, seed):
     grad = rand(32, T - drop, 1024)
     kernel = lambda ls, ps: ops.multilevel_merge(view(ls), *ps)  # noqa: E731
     ref = lambda ls, ps: ref_merge(list(view(ls).unbind(0)), *ps)  # noqa: E731
-    k_out, k_g = grads(kernel, [full], params, grad, torch.bfloat16)
-    t_out, t_g = grads(ref, [full], params, grad, torch.bfloat16)
-    r_out, r_g = grads(ref, [full], params, grad, torch.float64)
-    torch.testing.assert_close(out, k_out, rtol=0, atol=0)  # deterministic
-    check("out", k_out, r_out, t_out)
-    for name, k, r, t in zip(["dh", "d ln_weight", "d ln_bias", "d weight", "d bias"], k_g, r_g, t_g):
-        check(name, k, r, t)
     terms = accuracy.alpha_terms(list(view([full]).unbind(0)), *params[:2], grad, *params[2:4])
-    check("d alpha", k_g[-1], r_g[-1], t_g[-1], terms)
-
+    k_out, _, _ = compare(kernel, ref, [full], params, grad, torch.bfloat16,
+                          ["dh", "d ln_weight", "d ln_bias", "d weight", "d bias", "d alpha"], terms)
+    torch.testing.assert_close(out, k_out, rtol=0, atol=0)  # deterministic
 
 def test_layernorm_weighted_sum_real_size(seed):
     layers = [rand(32, 577, 1024, scale=2.0)[:, 1:] for _ in range(24)]  # a list: no stack copy
@@ -53,14 +49,8 @@ def test_layernorm_weighted_sum_real_size(seed):
     grad = rand(32, 576, 1024)
     kernel = lambda ls, ps: ops.layernorm_weighted_sum(ls, *ps)  # noqa: E731
     ref = lambda ls, ps: ref_lnws(ls, *ps)  # noqa: E731
-    k_out, k_g = grads(kernel, layers, params, grad, torch.bfloat16)
-    t_out, t_g = grads(ref, layers, params, grad, torch.bfloat16)
-    r_out, r_g = grads(ref, layers, params, grad, torch.float64)
-    check("out", k_out, r_out, t_out)
-    for i, (k, r, t) in enumerate(zip(k_g[:-1], r_g[:-1], t_g[:-1])):
-        check(f"grad {i}", k, r, t)
-    check("d alpha", k_g[-1], r_g[-1], t_g[-1], accuracy.alpha_terms(layers, *params[:2], grad))
-
+    names = [f"dh[{i}]" for i in range(24)] + ["d ln_weight", "d ln_bias", "d alpha"]
+    compare(kernel, ref, layers, params, grad, torch.bfloat16, names, accuracy.alpha_terms(layers, *params[:2], grad))
 
 def test_fused_mlp_real_size(seed):
     x = rand(32, 576, 1024)
@@ -69,14 +59,8 @@ def test_fused_mlp_real_size(seed):
     grad = rand(32, 576, 1024)
     kernel = lambda ls, ps: ops.fused_mlp(ls[0], *ps, "gelu")  # noqa: E731
     ref = lambda ls, ps: ref_mlp(ls[0], *ps)  # noqa: E731
-    k_out, k_g = grads(kernel, [x], params, grad, torch.bfloat16)
+    compare(kernel, ref, [x], params, grad, torch.bfloat16, ["dx", "dw1", "db1", "dw2", "db2"])
     assert _backend.last_used()["fused_mlp"]["backend"] == "triton"
-    t_out, t_g = grads(ref, [x], params, grad, torch.bfloat16)
-    r_out, r_g = grads(ref, [x], params, grad, torch.float64)
-    check("out", k_out, r_out, t_out)
-    for name, k, r, t in zip(["dx", "dw1", "db1", "dw2", "db2"], k_g, r_g, t_g):
-        check(name, k, r, t)
-
 
 def test_autotuning_ran():
     from comm_fast.kernels import fused_mlp, multilevel_merge
@@ -87,6 +71,8 @@ def test_autotuning_ran():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+
+
 def test_other_dtypes(dtype, seed):
     full = rand(5, 3, 51, 200, dtype=dtype, scale=2.0)
     params = [p.to(dtype) for p in merge_params(5, 200, 96)]

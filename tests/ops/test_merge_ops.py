@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import accuracy
-from accuracy import check, grads, ref_lnws, ref_merge, ref_mlp
+from accuracy import compare, ref_lnws, ref_merge, ref_mlp
 from comm_fast import _backend, ops
 from comm_fast.ops import merge
 
@@ -35,20 +35,6 @@ def mlp_params(D1, H, D2, dtype):
             rand(D2, H, dtype=dtype, scale=H ** -0.5), rand(D2, dtype=dtype)]
 
 
-def compare(op_fn, ref_fn, leaves, params, out_shape, dtype, names, alpha_terms=None):
-    """Output and grads of op_fn against ref_fn in float64 and in ``dtype``; alpha_terms(leaves, params,
-    grad) gives Σ|terms| of d alpha (the last grad) where the op has one."""
-    grad = rand(*out_shape)
-    o, g = grads(op_fn, leaves, params, grad, dtype)
-    r, rg = grads(ref_fn, leaves, params, grad, torch.float64)
-    t, tg = (None, [None] * len(rg)) if dtype == torch.float64 else grads(ref_fn, leaves, params, grad, dtype)
-    assert o.dtype == dtype
-    check("out", o, r, t)
-    for i, (name, a, b, c) in enumerate(zip(names, g, rg, tg)):
-        last = i == len(names) - 1
-        check(name, a, b, c, alpha_terms(leaves, params, grad) if alpha_terms is not None and last else None)
-
-
 @pytest.fixture
 def clean_env(monkeypatch):
     monkeypatch.delenv("COMM_FAST_BACKEND", raising=False)
@@ -67,9 +53,10 @@ def test_multilevel_merge(backend, layout, L, D, N, dtype, seed, clean_env, pois
     leaves, build = hidden(L, D, layout, dtype)
     params = merge_params(L, D, N, dtype)
     names = [f"dh[{i}]" for i in range(len(leaves))] + ["d ln_weight", "d ln_bias", "d weight", "d bias", "d alpha"]
+    grad = rand(2, 7, N)
     compare(lambda ls, ps: ops.multilevel_merge(build(ls)[0], *ps, eps=EPS, backend=backend),
-            lambda ls, ps: ref_merge(build(ls)[1], *ps), leaves, params, (2, 7, N), dtype, names,
-            lambda ls, ps, g: accuracy.alpha_terms(build(ls)[1], ps[0], ps[1], g, ps[2], ps[3]))
+            lambda ls, ps: ref_merge(build(ls)[1], *ps), leaves, params, grad, dtype, names,
+            accuracy.alpha_terms(build(leaves)[1], *params[:2], grad, *params[2:4]))
     assert _backend.last_used()["multilevel_merge"]["backend"] == backend
 
 
@@ -81,9 +68,10 @@ def test_layernorm_weighted_sum(backend, layout, L, D, dtype, seed, clean_env, p
     params = merge_params(L, D, 1, dtype)
     params = [params[0], params[1], params[4]]
     names = [f"dh[{i}]" for i in range(len(leaves))] + ["d ln_weight", "d ln_bias", "d alpha"]
+    grad = rand(2, 7, D)
     compare(lambda ls, ps: ops.layernorm_weighted_sum(build(ls)[0], *ps, eps=EPS, backend=backend),
-            lambda ls, ps: ref_lnws(build(ls)[1], *ps), leaves, params, (2, 7, D), dtype, names,
-            lambda ls, ps, g: accuracy.alpha_terms(build(ls)[1], ps[0], ps[1], g))
+            lambda ls, ps: ref_lnws(build(ls)[1], *ps), leaves, params, grad, dtype, names,
+            accuracy.alpha_terms(build(leaves)[1], *params[:2], grad))
     assert _backend.last_used()["layernorm_weighted_sum"]["backend"] == backend
 
 
@@ -94,7 +82,7 @@ def test_fused_mlp(backend, act, dtype, seed, clean_env, poison):
     x = rand(2, 7, 19, dtype=dtype, scale=2)
     params = mlp_params(19, 40, 13, dtype)
     compare(lambda ls, ps: ops.fused_mlp(ls[0], *ps, act, backend=backend),
-            lambda ls, ps: ref_mlp(ls[0], *ps, act), [x], params, (2, 7, 13), dtype,
+            lambda ls, ps: ref_mlp(ls[0], *ps, act), [x], params, rand(2, 7, 13), dtype,
             ["dx", "dw1", "db1", "dw2", "db2"])
     assert _backend.last_used()["fused_mlp"]["backend"] == backend
 
