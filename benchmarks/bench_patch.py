@@ -9,31 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from comm_fast import bench, reference
 from comm_fast.ops import patch
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, device="cpu", warmup=2, repeats=7) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+def median_ms(fn, device, warmup=2, repeats=7) -> float:
+    return bench.time_ms(fn, torch.device(device), repeats, warmup)
 
 
 def _rows(op, case, results: dict, base: str) -> list[dict]:
@@ -92,13 +78,6 @@ def bench_joint_preprocess(n=32, h=480, w=640, size=336, device="cpu", processor
 
 # ---- resample_tokens ----
 
-def torch_resample(t, src, dst, mode):
-    b, _, c = t.shape
-    x = t.reshape(b, *src, c).permute(0, 3, 1, 2)
-    y = F.adaptive_avg_pool2d(x, dst) if mode == "area" else F.interpolate(x, size=dst, mode=mode, align_corners=False)
-    return y.permute(0, 2, 3, 1).reshape(b, dst[0] * dst[1], c).contiguous()
-
-
 def bench_resample_tokens(b=8, src=(37, 37), dst=(24, 24), c=1024, dtype=torch.float32, device="cpu",
                           modes=("bilinear", "bicubic", "area")) -> list[dict]:
     t = torch.randn(b, src[0] * src[1], c, dtype=dtype, device=device)
@@ -109,11 +88,11 @@ def bench_resample_tokens(b=8, src=(37, 37), dst=(24, 24), c=1024, dtype=torch.f
         case = f"B{b} {src[0]}x{src[1]}->{dst[0]}x{dst[1]} C{c} {str(dtype)[6:]} {mode} {device}"
         rows += _rows("resample_tokens", case, {
             "extension": median_ms(lambda: patch.resample_tokens(t, src, dst, mode), device),
-            "torch_composition": median_ms(lambda: torch_resample(t, src, dst, mode), device),
+            "torch_composition": median_ms(lambda: reference.resample_tokens(t, src, dst, mode), device),
         }, "extension")
         rows += _rows("resample_tokens", case + " into [B,N,2C] slot", {
             "extension": median_ms(lambda: patch.resample_tokens(t, src, dst, mode, out=slot), device),
-            "torch_composition": median_ms(lambda: slot.copy_(torch_resample(t, src, dst, mode)), device),
+            "torch_composition": median_ms(lambda: slot.copy_(reference.resample_tokens(t, src, dst, mode)), device),
         }, "extension")
     return rows
 
