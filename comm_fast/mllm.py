@@ -433,8 +433,6 @@ class COMMForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype | None = None) -> "COMMForCausalLM":
-        from safetensors.torch import load_file
-
         from comm_fast.data.tokenizer import load_tokenizer
         from comm_fast.models import loading
 
@@ -447,12 +445,7 @@ class COMMForCausalLM(nn.Module):
                              f"{data.get('config_type')!r}, expected {CONFIG_TYPE!r})")
         config = COMMConfig.from_dict(data)
         weights = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{weights}: weight file not found")
-        try:
-            sd = load_file(weights)
-        except Exception as exc:
-            raise ValueError(f"{weights}: corrupt or unreadable weight file ({exc})") from None
+        sd = loading._load_file(weights)
         with torch.device("meta"):
             model = cls(config)
         model = model.to_empty(device="cpu")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from comm_fast import _backend
+from comm_fast.ops._custom import note as _note, ran as _ran, register as _register
 
 OPS = ("layernorm_weighted_sum", "multilevel_merge", "fused_mlp")
 _CPU_PATH = {
@@ -45,6 +46,7 @@ ACTIVATIONS = {
 # ---------------------------------------------------------------------------------------------
 # Backend choice
 # ---------------------------------------------------------------------------------------------
+
 
 def _triton_importable() -> tuple[bool, str]:
     try:
@@ -124,6 +126,7 @@ def describe() -> dict:
 # Validation
 # ---------------------------------------------------------------------------------------------
 
+
 def _check_float(name: str, t) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -188,6 +191,7 @@ def _check_activation(activation) -> None:
 # ---------------------------------------------------------------------------------------------
 # Torch paths (CPU, or backend="torch")
 # ---------------------------------------------------------------------------------------------
+
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -317,29 +321,10 @@ def _mlp_torch_backward(grad, x, pre, w1, w2, activation, need_x):
 # the Triton kernels or the torch path. The Triton modules are imported on first use only.
 # ---------------------------------------------------------------------------------------------
 
-_REASONS: dict[tuple[str, str], str] = {}
-
-
-def _note(op: str, backend: str, why: str) -> None:
-    """Remember why `backend` was chosen; the op records it when it runs (eager or compiled)."""
-    if not torch.compiler.is_compiling():  # the recording lock would break a traced graph
-        _REASONS[(op, backend)] = why
-
-
-def _ran(op: str, backend: str) -> None:
-    _backend.record(op, backend, _REASONS.get((op, backend), "chosen when the compiled graph was traced"))
-
 
 def _on_device(t: Tensor):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _register(name: str, impl, fake):
-    op = torch.library.custom_op(f"comm_fast::{name}", impl, mutates_args=(), device_types="cpu")
-    op.register_kernel("cuda")(impl)
-    op.register_fake(fake)
-    return op
 
 
 def _lnws_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, alpha: Tensor, eps: float,
@@ -517,6 +502,7 @@ _mlp_op.register_autograd(_mlp_autograd, setup_context=_mlp_setup)
 # ---------------------------------------------------------------------------------------------
 # Public ops
 # ---------------------------------------------------------------------------------------------
+
 
 def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, backend: str | None = None):
     """Σ_l alpha_l · LayerNorm(h_l; ln_weight_l, ln_bias_l).

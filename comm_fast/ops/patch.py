@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from comm_fast import _backend, _ext
+from comm_fast.ops._custom import note as _note, ran as _ran, register as _register
 
 POS_EMBED_MODES = ("hf", "dinov2_offset", "antialias")
 RESAMPLE_MODES = ("bilinear", "bicubic", "area")
@@ -101,6 +102,7 @@ def _choose(op: str, backend: str | None, device: torch.device) -> tuple[str, st
 # Torch paths (the reference, and the fallback without the extension)
 # ---------------------------------------------------------------------------------------------
 
+
 def _grid_mode(mode: str) -> tuple[str, bool]:
     """A pos-embed mode as (F.interpolate mode, antialias)."""
     return ("bicubic", mode == "antialias") if mode in POS_EMBED_MODES else (mode, False)
@@ -160,31 +162,12 @@ def _resample_adjoint(grad, src_hw, dst_hw, mode, scales=None) -> torch.Tensor:
 # The interpolation mode argument is `method` (`mode` clashes with torch.library's dispatch).
 # ---------------------------------------------------------------------------------------------
 
-_REASONS: dict[tuple[str, str], str] = {}
-
-
-def _note(op: str, backend: str, why: str) -> None:
-    """Remember why `backend` was chosen; the kernel records it when it runs (eager or compiled)."""
-    if not torch.compiler.is_compiling():
-        _REASONS[(op, backend)] = why
-
-
-def _ran(op: str, backend: str) -> None:
-    _backend.record(op, backend, _REASONS.get((op, backend), "chosen when the compiled graph was traced"))
-
 
 def _ext_module():
     ext, why = _ext.load()
     if ext is None:  # only reachable if the module vanished after the backend was chosen
         raise RuntimeError(f"comm_fast._C is unavailable: {why}")
     return ext
-
-
-def _register(name: str, impl, fake, mutates_args=()):
-    op = torch.library.custom_op(f"comm_fast::{name}", impl, mutates_args=mutates_args, device_types="cpu")
-    op.register_kernel("cuda")(impl)
-    op.register_fake(fake)
-    return op
 
 
 def _resample_bwd_impl(grad: torch.Tensor, sh: int, sw: int, dh: int, dw: int, method: str, scale_h: float,
@@ -306,6 +289,7 @@ def _eager_only(device: torch.device) -> bool:
 # Public ops
 # ---------------------------------------------------------------------------------------------
 
+
 def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf",
                           num_prefix_tokens: int = 1, backend: str | None = None) -> torch.Tensor:
     """Bicubic interpolation of a ``[(1,) P + H*W, D]`` position embedding from grid src_hw to dst_hw.
@@ -388,6 +372,7 @@ def resample_tokens(tokens: torch.Tensor, src_hw, dst_hw, mode: str = "bilinear"
 # ---------------------------------------------------------------------------------------------
 # joint_preprocess
 # ---------------------------------------------------------------------------------------------
+
 
 def _as_hwc(image, name: str) -> torch.Tensor:
     """One uint8 image as an [H, W, 3] view (no copy): HxWx3 arrays/tensors, or 3xHxW tensors."""

@@ -76,8 +76,9 @@ def set_rng_state(state: dict) -> None:
 def save(out: str, step: int, model, optimizer, scheduler, trainable: set[str], state: dict,
          rank: int = 0, barrier=lambda: None) -> str:
     """Write DIR/checkpoint-STEP atomically; every rank calls this (state dicts gather collectively)."""
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from comm_fast._io import save_safetensors
 
     final = os.path.join(out, f"checkpoint-{step}")
     tmp = os.path.join(out, f".tmp-checkpoint-{step}")
@@ -88,8 +89,8 @@ def save(out: str, step: int, model, optimizer, scheduler, trainable: set[str], 
     barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
     if rank == 0:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model_sd.items() if k in trainable}
-        save_file(weights, os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
+        save_safetensors({k: v for k, v in model_sd.items() if k in trainable},
+                         os.path.join(tmp, "trainable.safetensors"))
         torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     barrier()

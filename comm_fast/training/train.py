@@ -328,7 +328,7 @@ def _loop(args, dist, model, engine, optimizer, scheduler, dataset, order, train
                     result = engine(**inputs, pixel_values=pixels, return_logits=False)
                     # world / total: the engines average gradients over ranks, we want the global token mean
                     (result.loss_sum * (world / max(total_targets, 1))).backward()
-                loss_sum += result.loss_sum.item()
+                loss_sum += result.loss_sum.detach().double()  # read once per step, not per micro-batch
                 tokens += batch["num_tokens"]
                 images += batch["num_images"]
             if args.max_grad_norm > 0:
@@ -338,7 +338,7 @@ def _loop(args, dist, model, engine, optimizer, scheduler, dataset, order, train
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_sum, tokens, images = dist.sum([loss_sum, tokens, images])
+            loss_sum, tokens, images = dist.sum([float(loss_sum), tokens, images])
             dt = time.perf_counter() - t0
             loss = loss_sum / max(total_targets, 1)
             losses.append(loss)
