@@ -406,9 +406,13 @@ class COMMForCausalLM(nn.Module):
         embeds = self.embed(input_ids, features)
         eos = self.config.text.get("eos_token_id")
         pad = self.config.text.get("pad_token_id")
+        # the image placeholder is never an answer: emitted, it would stand for an image nobody gave
+        suppress = list(generate_kwargs.pop("suppress_tokens", None) or [])
+        if self.config.image_token_id < self.config.text["vocab_size"]:
+            suppress.append(self.config.image_token_id)
         new = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 do_sample=do_sample, eos_token_id=eos, pad_token_id=pad if pad is not None else eos,
-                                use_cache=True, **generate_kwargs)
+                                suppress_tokens=suppress or None, use_cache=True, **generate_kwargs)
         if not strings:
             return new
         texts = [self.tokenizer.decode([t for t in row.tolist() if t != eos and t != pad]).strip() for row in new]

@@ -107,8 +107,9 @@ def test_generate_with_kv_cache_matches_full_recompute(model):
         seq, _, _ = model.expand_image_tokens(ids)
         ref = []
         for _ in range(8):
-            logits = model.llm(inputs_embeds=model.embed(seq, feats), use_cache=False).logits
-            t = int(logits[0, -1].argmax())
+            logits = model.llm(inputs_embeds=model.embed(seq, feats), use_cache=False).logits[0, -1]
+            logits[tok.image_token_id] = -float("inf")  # generate never emits the image placeholder
+            t = int(logits.argmax())
             ref.append(t)
             if t == tok.eos_id:
                 break
@@ -122,6 +123,21 @@ def test_generate_with_kv_cache_matches_full_recompute(model):
     both = model.generate(images=images, prompt=prompts, max_new_tokens=6)
     alone = [model.generate(images=[im], prompt=p, max_new_tokens=6) for im, p in zip(images, prompts)]
     assert both == alone
+
+
+def test_generate_never_emits_the_image_placeholder(model):
+    model.eval()
+    tok = model.tokenizer
+    favour = model.llm.lm_head.register_forward_hook(
+        lambda mod, args, out: out.index_add(-1, torch.tensor([tok.image_token_id]), torch.full_like(out[..., :1], 1e4)))
+    try:
+        assert int(model(torch.tensor([[tok.bos_id, 65]])).logits[0, -1].argmax()) == tok.image_token_id
+        prompt = torch.tensor([[tok.bos_id, *tok.encode("USER: "), tok.image_token_id, *tok.encode(" ASSISTANT:")]])
+        new = model.generate(input_ids=prompt, pixel_values=pixels(1), max_new_tokens=5,
+                             suppress_tokens=[tok.eos_id])  # a caller's own suppressions still hold
+    finally:
+        favour.remove()
+    assert new.shape == (1, 5) and tok.image_token_id not in new.tolist()[0] and tok.eos_id not in new.tolist()[0]
 
 
 @pytest.mark.parametrize("attention", ["comm_sdpa_varlen", "sdpa"], ids=["per-sample", "block-mask"])
