@@ -368,6 +368,20 @@ class COMMForCausalLM(nn.Module):
         return out
 
     # -- generation -----------------------------------------------------------------------------------
+    def prompt_inputs(self, prompt: str | list[str], with_images: bool = True):
+        """Left-padded ``(input_ids, attention_mask)`` of the Vicuna-v1 prompt of a question or a list of
+        them; with images, a question without ``<image>`` gets one in front."""
+        if self.tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer; pass input_ids instead")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p if "<image>" in p or not with_images else "<image>\n" + p for p in prompts]
+        rows = [encode_prompt(self.tokenizer, p, self.num_image_tokens) for p in prompts]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return input_ids, attention_mask
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  pixel_values=None, images=None, prompt: str | list[str] | None = None,
@@ -379,16 +393,7 @@ class COMMForCausalLM(nn.Module):
         """
         strings = prompt is not None
         if strings:
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; pass input_ids instead")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            has_images = images is not None or pixel_values is not None
-            prompts = [p if "<image>" in p or not has_images else "<image>\n" + p for p in prompts]
-            rows = [encode_prompt(self.tokenizer, p, self.num_image_tokens) for p in prompts]
-            width = max(map(len, rows))
-            pad = self.tokenizer.pad_id
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-            attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            input_ids, attention_mask = self.prompt_inputs(prompt, images is not None or pixel_values is not None)
         if input_ids is None:
             raise ValueError("generate: pass prompt= or input_ids=")
         if attention_mask is None:

@@ -31,6 +31,21 @@ def ref_mlp(x, w1, b1, w2, b2, act="gelu"):
     return F.linear(ACT[act](F.linear(x, w1, b1)), w2, b2)
 
 
+def mlp_params(D1, H, D2, dtype):
+    """w1, b1, w2, b2 of Linear(D1, H) -> Linear(H, D2), weights scaled by 1/sqrt(fan_in)."""
+    return [rand(H, D1, dtype=dtype, scale=D1 ** -0.5), rand(H, dtype=dtype),
+            rand(D2, H, dtype=dtype, scale=H ** -0.5), rand(D2, dtype=dtype)]
+
+
+def mlp_input(*shape, params, act, dtype, scale=2.0):
+    """A random MLP input. For relu it is drawn again while a pre-activation lies within rounding of
+    the kink: there two correct computations may take different sides and their grads differ by O(1)."""
+    while True:
+        x = rand(*shape, dtype=dtype, scale=scale)
+        if act != "relu" or (F.linear(x.double(), params[0].double(), params[1].double()).abs().min() > 1e-3):
+            return x
+
+
 def alpha_terms(layers, ln_weight, ln_bias, grad, weight=None, bias=None, eps=1e-5):
     """Σ|terms| of d alpha_l = Σ grad · y_l (y_l = LN_l(h_l), or LN_l(h_l) W_lᵀ + b_l), per layer, float64.
 

@@ -47,12 +47,14 @@ def test_tower_resamples_dino_grid_onto_clip_grid(tmp_path, seed, dino):
 
 
 def test_tower_backward_matches_reference(tmp_path, seed):
-    tower, ref = _build(tmp_path)
+    # float64: each α grad is one long cancelling dot product, so in fp32 a relative check of a
+    # two-entry vector fails about once in a thousand seeds (fp32 accuracy is the kernel tests' job)
+    tower, ref = (m.double() for m in _build(tmp_path))
     for p in (*tower.clip.parameters(), *tower.dino.parameters(), *ref.clip_model.parameters(),
               *ref.dino_model.parameters()):
         p.requires_grad_(False)  # encoders frozen, as in both training stages
-    clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
-    g = torch.randn(2, 16, 48)
+    clip_px, dino_px = (torch.randn(2, 3, 56, 56, dtype=torch.float64) for _ in range(2))
+    g = torch.randn(2, 16, 48, dtype=torch.float64)
     (tower(clip_px, dino_px) * g).sum().backward()
     (ref(clip_px, dino_px) * g).sum().backward()
     pairs = [(tower.clip_merge.alpha, ref.alpha), (tower.dino_merge.alpha, ref.beta),
@@ -61,7 +63,7 @@ def test_tower_backward_matches_reference(tmp_path, seed):
     pairs += [(tower.dino_merge.ln_weight.grad[i], lln.norm.weight) for i, lln in enumerate(ref.dino_lln)]
     for ours, theirs in pairs:
         ours = ours.grad if isinstance(ours, torch.nn.Parameter) else ours
-        assert rel_err(ours, theirs.grad) <= 1e-5
+        assert ours.dtype == torch.float64 and rel_err(ours, theirs.grad) <= 1e-10
 
 
 def test_state_dict_names_follow_the_contract(tmp_path, seed):

@@ -20,6 +20,8 @@ class Helpers:
     ref_lnws = staticmethod(accuracy.ref_lnws)
     ref_merge = staticmethod(accuracy.ref_merge)
     ref_mlp = staticmethod(accuracy.ref_mlp)
+    mlp_params = staticmethod(accuracy.mlp_params)
+    mlp_input = staticmethod(accuracy.mlp_input)
     alpha_terms = staticmethod(accuracy.alpha_terms)
     check = staticmethod(accuracy.check)
     compare = staticmethod(accuracy.compare)

@@ -14,17 +14,12 @@ CASES = [  # leading dims, D1, H, D2, dtype, activation
 ]
 
 
-def _params(H, D1, Hd, D2, dtype):
-    return [H.rand(Hd, D1, dtype=dtype, scale=D1 ** -0.5), H.rand(Hd, dtype=dtype),
-            H.rand(D2, Hd, dtype=dtype, scale=Hd ** -0.5), H.rand(D2, dtype=dtype)]
-
-
 @pytest.mark.parametrize("lead,D1,Hd,D2,dtype,act", CASES)
 
 
 def test_forward_backward(lead, D1, Hd, D2, dtype, act, seed, H, poison):
-    x = H.rand(*lead, D1, dtype=dtype, scale=2.0)
-    params = _params(H, D1, Hd, D2, dtype)
+    params = H.mlp_params(D1, Hd, D2, dtype)
+    x = H.mlp_input(*lead, D1, params=params, act=act, dtype=dtype)
 
     out = poison((*lead, D2), dtype, "cpu")
     res, pre = mlp_forward(x, *params, act, save_pre=True, out=out)
@@ -40,7 +35,7 @@ def test_forward_backward(lead, D1, Hd, D2, dtype, act, seed, H, poison):
 def test_pre_activation_saved_not_activation(seed, H):
     """Forward saves x W1ᵀ + b1 (pre), the backward recomputes f(pre)."""
     x = H.rand(6, 20, dtype=torch.float64)
-    w1, b1, w2, b2 = _params(H, 20, 30, 10, torch.float64)
+    w1, b1, w2, b2 = H.mlp_params(20, 30, 10, torch.float64)
     _, pre = mlp_forward(x, w1, b1, w2, b2, "gelu", save_pre=True)
     torch.testing.assert_close(pre, x @ w1.t() + b1)
     _, none = mlp_forward(x, w1, b1, w2, b2, "gelu", save_pre=False)
@@ -69,14 +64,14 @@ def test_strided_matmul(trans_a, trans_b, seed, H, poison):
 
 def test_gradcheck_float64(act, seed, H):
     x = H.rand(3, 5, dtype=torch.float64).requires_grad_(True)
-    params = [p.requires_grad_(True) for p in _params(H, 5, 6, 4, torch.float64)]
+    params = [p.requires_grad_(True) for p in H.mlp_params(5, 6, 4, torch.float64)]
     fn = lambda *args: FusedMLP.apply(*args, act)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 def test_backward_without_x_grad(seed, H):
     x = H.rand(7, 12, dtype=torch.float64)
-    w1, b1, w2, b2 = _params(H, 12, 16, 8, torch.float64)
+    w1, b1, w2, b2 = H.mlp_params(12, 16, 8, torch.float64)
     _, pre = mlp_forward(x, w1, b1, w2, b2, "relu")
     grad = H.rand(7, 8, dtype=torch.float64)
     dx, *p = mlp_backward(grad, x, pre, w1, w2, "relu", need_x=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import accuracy
-from accuracy import compare, ref_lnws, ref_merge, ref_mlp
+from accuracy import compare, mlp_input, mlp_params, ref_lnws, ref_merge, ref_mlp
 from comm_fast import _backend, ops
 from comm_fast.ops import merge
 
@@ -28,11 +28,6 @@ def hidden(L, D, layout, dtype):
 def merge_params(L, D, N, dtype):
     return [rand(L, D, dtype=dtype, scale=0.5, shift=1.0), rand(L, D, dtype=dtype),
             rand(L, N, D, dtype=dtype, scale=D ** -0.5), rand(L, N, dtype=dtype), rand(L, dtype=dtype)]
-
-
-def mlp_params(D1, H, D2, dtype):
-    return [rand(H, D1, dtype=dtype, scale=D1 ** -0.5), rand(H, dtype=dtype),
-            rand(D2, H, dtype=dtype, scale=H ** -0.5), rand(D2, dtype=dtype)]
 
 
 @pytest.fixture
@@ -79,8 +74,8 @@ def test_layernorm_weighted_sum(backend, layout, L, D, dtype, seed, clean_env, p
 @pytest.mark.parametrize("act,dtype", [("gelu", torch.float64), ("gelu_tanh", torch.float32),
                                        ("relu", torch.bfloat16), ("quick_gelu", torch.float32)])
 def test_fused_mlp(backend, act, dtype, seed, clean_env, poison):
-    x = rand(2, 7, 19, dtype=dtype, scale=2)
     params = mlp_params(19, 40, 13, dtype)
+    x = mlp_input(2, 7, 19, params=params, act=act, dtype=dtype)
     compare(lambda ls, ps: ops.fused_mlp(ls[0], *ps, act, backend=backend),
             lambda ls, ps: ref_mlp(ls[0], *ps, act), [x], params, rand(2, 7, 13), dtype,
             ["dx", "dw1", "db1", "dw2", "db2"])
