@@ -24,6 +24,9 @@ def main(out: str) -> int:
                   "| subject | shape | backend | fused ms | eager ms | compile ms | x eager | x compile | % roofline "
                   "| peak MB | eager peak MB | note |", "|" + "---|" * 12]
         for r in bench["rows"]:
+            if r.get("error"):
+                lines.append(f"| {r['name']} | | FAILED |" + " |" * 8 + f" {r['error']} |")
+                continue
             lines.append(f"| {r['name']} | {r['shape']} | {r['backend']} | {r['ms']} | {r['ref_ms']} | "
                          f"{r['compile_ms']} | {r['speedup_vs_ref']} | {r['speedup_vs_compile']} | "
                          f"{r['pct_of_roofline']} | {r['peak_mem_mb']} | {r['ref_peak_mem_mb']} | {r['note']} |")

@@ -344,7 +344,10 @@ def _tower_case(p, device) -> Case:
 
 # ------------------------------------------------------------------------------------ runner
 def run_benchmarks(preset: str = "cpu-small", subjects=SUBJECTS, compile_ref: bool = True,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Measure each subject in turn. A subject that fails becomes a row with its ``error`` (the others
+    still run), and ``on_row(result)`` sees the result after every row, so a run cut short keeps
+    what it measured."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and preset == "cpu-small":
         preset = "h200"  # on a GPU the real shapes are the point
@@ -359,14 +362,21 @@ def run_benchmarks(preset: str = "cpu-small", subjects=SUBJECTS, compile_ref: bo
                "threads": torch.get_num_threads(), "copy_gbs": round(bw, 1),
                f"gemm_tflops_{str(p['dtype']).split('.')[-1]}": round(tf, 3), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "preset": preset}
-    cases = build_cases(p, device, subjects, cache)
-    rows = []
-    bar = _progress(cases, progress)
-    for case in bar:
+    result = {"machine": machine, "rows": []}
+    bar = _progress([s for s in SUBJECTS if s in subjects], progress)
+    for subject in bar:
         if hasattr(bar, "set_description"):
-            bar.set_description(case.name)
-        rows.append(_measure(case, p, device, bw, tf, compile_ref))
-    return {"machine": machine, "rows": rows}
+            bar.set_description(subject)
+        try:  # built one at a time: only this subject's inputs are resident while it is timed
+            (case,) = build_cases(p, device, [subject], cache)
+            row = _measure(case, p, device, bw, tf, compile_ref)
+        except Exception as exc:  # reported in its row; the other subjects still run
+            row = {"name": subject, "dtype": str(p["dtype"]).split(".")[-1], "device": device.type,
+                   "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        result["rows"].append(row)
+        if on_row is not None:
+            on_row(result)
+    return result
 
 
 def _progress(items, enabled):
@@ -451,6 +461,9 @@ def format_table(result: dict) -> str:
              f"{'subject':<26}{'backend':<9}{'fused ms':>10}{'ref ms':>10}{'compile':>10}{'x ref':>8}"
              f"{'x comp':>8}{'%roof':>7}{'mem MB':>9}{'ref MB':>9}  shape"]
     for r in result["rows"]:
+        if r.get("error"):
+            lines.append(f"{r['name']:<26}FAILED: {r['error']}")
+            continue
         fmt = lambda v, f: "-" if v is None else format(v, f)
         lines.append(f"{r['name']:<26}{r['backend']:<9}{r['ms']:>10.3f}{r['ref_ms']:>10.3f}"
                      f"{fmt(r['compile_ms'], '10.3f'):>10}{r['speedup_vs_ref']:>8.2f}"
@@ -467,7 +480,7 @@ def plot_speedups(result: dict, path: str) -> None:
     """A PNG bar chart of the speedups over the reference (and torch.compile), drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if not r.get("error")]
     width, bar_h, left = 900, 22, 230
     height = 60 + len(rows) * (2 * bar_h + 12)
     img = Image.new("RGB", (width, height), "white")
@@ -493,7 +506,7 @@ def plot_speedups(result: dict, path: str) -> None:
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS),
                         help="shapes (cpu-small switches to h200 when a GPU is present)")
-    parser.add_argument("--ops", nargs="+", default=list(SUBJECTS), metavar="SUBJECT",
+    parser.add_argument("--ops", nargs="+", default=list(SUBJECTS), choices=SUBJECTS, metavar="SUBJECT",
                         help=f"subjects to run, from {', '.join(SUBJECTS)}")
     parser.add_argument("--json", metavar="FILE", help="write one JSON row per subject here")
     parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speedups")
@@ -502,16 +515,24 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    result = run_benchmarks(args.preset, args.ops, compile_ref=not args.no_compile, progress=not args.no_progress)
-    print(format_table(result))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    def save(result):  # after every row, atomically: an interrupted run keeps its measured rows
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=2)
         os.replace(tmp, args.json)
+
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    result = run_benchmarks(args.preset, args.ops, compile_ref=not args.no_compile, progress=not args.no_progress,
+                            on_row=save if args.json else None)
+    print(format_table(result))
+    if args.json:
+        save(result)
         print(f"wrote {args.json}")
     if args.plot:
         plot_speedups(result, args.plot)
         print(f"wrote {args.plot}")
-    return 0
+    failed = [r["name"] for r in result["rows"] if r.get("error")]
+    if failed:
+        print(f"comm-fast bench: error: {len(failed)} subject(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
