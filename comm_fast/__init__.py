@@ -7,13 +7,31 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib.abc as _abc
+import importlib.util as _util
 import os as _os
+import sys as _sys
 
-# Installed, comm_fast.kernels maps to the top-level kernels/ folder (setup.py package_dir).
-# Run from a source tree on PYTHONPATH (e.g. benchmarks/gpu_check.sh), find it there too.
+
+class _SourceTreeKernels(_abc.MetaPathFinder):
+    """comm_fast.kernels is the top-level kernels/ folder (setup.py's package_dir does this when
+    installed). Run from a source tree on PYTHONPATH (e.g. benchmarks/gpu_check.sh), this finds it
+    there; consulted last, and for that one name only."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "comm_fast.kernels":
+            return None
+        return _util.spec_from_file_location(name, _os.path.join(self.directory, "__init__.py"),
+                                             submodule_search_locations=[self.directory])
+
+
 _src_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if all(_os.path.isfile(_os.path.join(_src_root, *f)) for f in (("setup.py",), ("kernels", "__init__.py"))):
-    __path__.append(_src_root)  # noqa: F821 - the package's own __path__
+if (all(_os.path.isfile(_os.path.join(_src_root, *f)) for f in (("setup.py",), ("kernels", "__init__.py")))
+        and not any(isinstance(f, _SourceTreeKernels) for f in _sys.meta_path)):
+    _sys.meta_path.append(_SourceTreeKernels(_os.path.join(_src_root, "kernels")))
 
 # Imported eagerly so that the name `comm_fast.info` is the function, not its module.
 from comm_fast._info import info  # noqa: E402
