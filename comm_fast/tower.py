@@ -12,6 +12,7 @@ preallocated buffer that the merge reads in place.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -92,6 +93,17 @@ class DinoMLP(nn.Module):
         return ops.fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
 
 
+@contextlib.contextmanager
+def _naming(argument: str):
+    """The encoder loaders name their argument ``path``; through the tower it is ``argument``."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if not str(exc).startswith("path: "):
+            raise
+        raise type(exc)(f"{argument}: {str(exc)[len('path: '):]}") from exc
+
+
 class COMMVisionTower(nn.Module):
     HEADS = ("clip_merge", "dino_merge", "dino_mlp", "projector")  # everything but the encoders
 
@@ -136,8 +148,10 @@ class COMMVisionTower(nn.Module):
         argument, load a directory written by ``save_pretrained``."""
         if dino_path is None:
             return cls._load_saved(clip_path, **config_overrides)
-        clip = CLIPVisionEncoder.from_pretrained(clip_path, pos_interp=config_overrides.get("clip_pos_interp"))
-        dino = DINOv2Encoder.from_pretrained(dino_path, pos_interp=config_overrides.get("dino_pos_interp"))
+        with _naming("clip_path"):
+            clip = CLIPVisionEncoder.from_pretrained(clip_path, pos_interp=config_overrides.get("clip_pos_interp"))
+        with _naming("dino_path"):
+            dino = DINOv2Encoder.from_pretrained(dino_path, pos_interp=config_overrides.get("dino_pos_interp"))
         config = COMMVisionConfig.from_dict({}, **config_overrides)
         config.clip, config.dino = clip.config.to_dict(), dino.config.to_dict()
         with torch.device("meta"):  # the encoders come loaded; only the merge heads are allocated
@@ -208,15 +222,14 @@ class COMMVisionTower(nn.Module):
 
     def forward(self, clip_pixels: torch.Tensor, dino_pixels: torch.Tensor) -> torch.Tensor:
         """[B, N, out_dim] visual tokens (N = CLIP's patch grid)."""
+        clip_grid = self.clip.check_pixels(clip_pixels, "clip_pixels")
+        dino_grid = self.dino.check_pixels(dino_pixels, "dino_pixels")
         if clip_pixels.shape[0] != dino_pixels.shape[0]:
             raise ValueError(f"dino_pixels: batch {dino_pixels.shape[0]} differs from clip_pixels' "
                              f"{clip_pixels.shape[0]}")
         cfg = self.config
         v1 = self._merged(self.clip, self.clip_merge, clip_pixels, cfg.clip_layers)
         v2 = self._merged(self.dino, self.dino_merge, dino_pixels, cfg.dino_layers)
-        pc, pd = self.clip.config.patch_size, self.dino.config.patch_size
-        clip_grid = (clip_pixels.shape[-2] // pc, clip_pixels.shape[-1] // pc)
-        dino_grid = (dino_pixels.shape[-2] // pd, dino_pixels.shape[-1] // pd)
         if dino_grid != clip_grid:
             v2 = ops.resample_tokens(v2, dino_grid, clip_grid, mode=cfg.grid_resample)
         m = self.dino_mlp(v2)

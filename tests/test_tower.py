@@ -119,6 +119,16 @@ def test_bad_tower_inputs(tmp_path, seed):
     tower, _ = _build(tmp_path)
     with pytest.raises(ValueError, match="dino_pixels: batch 1 differs from clip_pixels' 2"):
         tower(torch.randn(2, 3, 56, 56), torch.randn(1, 3, 56, 56))
+    with pytest.raises(TypeError, match="dino_pixels: expected normalised floating-point pixels, got dtype torch.uint8"):
+        tower(torch.randn(2, 3, 56, 56), torch.zeros(2, 3, 56, 56, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="clip_pixels: expected a torch.Tensor"):
+        tower([[0.0]], torch.randn(2, 3, 56, 56))
+    with pytest.raises(ValueError, match="clip_pixels: image size 50x56 is not a positive multiple of the patch size"):
+        tower(torch.randn(2, 3, 50, 56), torch.randn(2, 3, 56, 56))
+    with pytest.raises(ValueError, match="clip_path: expected a CLIP checkpoint"):  # the two swapped
+        COMMVisionTower.from_pretrained(tmp_path / "dino", tmp_path / "clip")
+    with pytest.raises(FileNotFoundError, match="dino_path: no such checkpoint"):
+        COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "missing")
     with pytest.raises(ValueError, match="not a saved COMMVisionTower"):
         COMMVisionTower.from_pretrained(tmp_path / "clip")
     with pytest.raises(ValueError, match="dino_layers: index 7 past the encoder's 3 blocks"):

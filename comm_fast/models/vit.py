@@ -187,24 +187,25 @@ class ViTEncoder(nn.Module):
         return out
 
     # -- forward ---------------------------------------------------------------------------
-    def _check_pixels(self, pixels) -> tuple[int, int]:
+    def check_pixels(self, pixels, name: str = "pixels") -> tuple[int, int]:
+        """The patch grid of ``pixels``, or a clear error naming the argument ``name``."""
         if not isinstance(pixels, torch.Tensor):
-            raise TypeError(f"pixels: expected a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
+            raise TypeError(f"{name}: expected a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
         if not pixels.is_floating_point():
-            raise TypeError(f"pixels: expected normalised floating-point pixels, got dtype {pixels.dtype} "
+            raise TypeError(f"{name}: expected normalised floating-point pixels, got dtype {pixels.dtype} "
                             "(use comm_fast.ops.joint_preprocess for uint8 images)")
         c = self.config.num_channels
         if pixels.dim() != 4 or pixels.shape[1] != c:
-            raise ValueError(f"pixels: expected shape [B, {c}, H, W], got {tuple(pixels.shape)}")
+            raise ValueError(f"{name}: expected shape [B, {c}, H, W], got {tuple(pixels.shape)}")
         h, w = pixels.shape[-2:]
         p = self.config.patch_size
         if h % p or w % p or h == 0 or w == 0:
-            raise ValueError(f"pixels: image size {h}x{w} is not a positive multiple of the patch size {p}")
+            raise ValueError(f"{name}: image size {h}x{w} is not a positive multiple of the patch size {p}")
         return h // p, w // p
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """hidden_states[0]: patch embedding + CLS (+ registers) + position embedding (+ pre-norm)."""
-        grid = self._check_pixels(pixels)
+        grid = self.check_pixels(pixels)
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.position_embedding(grid)
