@@ -6,6 +6,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 # Read once, when the kernels are defined: TRITON_INTERPRET must be set before that (conftest).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -30,16 +31,34 @@ def dot_fp32(dtype: torch.dtype) -> bool:
     return INTERPRET or dtype in (torch.float32, torch.float64)
 
 
+def _tf32_matmul() -> bool:
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses the legacy flag once fp32_precision has been set
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 GEMMs follow torch's TF32 switch so results match torch.matmul's accuracy."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not INTERPRET and _tf32_matmul():
         return "tf32"
     return "ieee"
 
 
+def _quick_bench(kernel_call, quantiles):
+    # 5 + 20 ms per config instead of triton's 25 + 100: the kernels run for milliseconds at most
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 def autotune(gpu_configs, cpu_config, key):
-    """Several configs on a GPU; exactly one otherwise (multi-config tuning needs a GPU benchmarker)."""
-    return triton.autotune(configs=gpu_configs if ON_GPU else [cpu_config], key=key)
+    """Several configs on a GPU; exactly one otherwise (multi-config tuning needs a GPU benchmarker).
+    COMM_FAST_TUNE_CONFIGS=N keeps the first N GPU configs (fewer compiles, e.g. for the GPU tests)."""
+    if not ON_GPU:
+        return triton.autotune(configs=[cpu_config], key=key)
+    keep = int(os.environ.get("COMM_FAST_TUNE_CONFIGS", "0") or 0)
+    configs = gpu_configs[:keep] if keep > 0 else gpu_configs
+    return triton.autotune(configs=configs, key=key, do_bench=_quick_bench)
 
 
 def _empty(shape, dtype, device):

@@ -39,3 +39,39 @@ def test_stores_round_to_nearest_even_like_torch(seed):
         assert torch.equal(y.isnan(), want.isnan())
         ok = y.isnan() | (y.view(torch.int16) == want.view(torch.int16))
         assert ok.all(), (x[~ok][:5], y[~ok][:5], want[~ok][:5])
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def test_autotune_configs_and_benchmarker(monkeypatch):
+    """One config while interpreting; on a GPU every config (or the first COMM_FAST_TUNE_CONFIGS), timed
+    for 5 + 20 ms each rather than triton's 25 + 100."""
+    configs = [triton.Config({"BLOCK": b}) for b in (64, 128, 256)]
+    cpu = triton.Config({"BLOCK": 32})
+    assert _utils.autotune(configs, cpu, key=["n"])(_copy_kernel).configs == [cpu]
+    monkeypatch.setattr(_utils, "ON_GPU", True)
+    tuned = _utils.autotune(configs, cpu, key=["n"])(_copy_kernel)
+    assert tuned.configs == configs and tuned.do_bench is _utils._quick_bench
+    monkeypatch.setenv("COMM_FAST_TUNE_CONFIGS", "2")
+    assert _utils.autotune(configs, cpu, key=["n"])(_copy_kernel).configs == configs[:2]
+
+
+def test_fp32_dot_precision_follows_torch_tf32_switch(monkeypatch):
+    monkeypatch.setattr(_utils, "INTERPRET", False)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert _utils.dot_precision(torch.float32) == "tf32" and _utils.dot_precision(torch.bfloat16) == "ieee"
+        matmul.allow_tf32 = False
+        assert _utils.dot_precision(torch.float32) == "ieee"
+        if hasattr(matmul, "fp32_precision"):  # the newer switch (reading allow_tf32 then raises)
+            matmul.fp32_precision = "tf32"
+            assert _utils.dot_precision(torch.float32) == "tf32"
+            matmul.fp32_precision = "none"
+    finally:
+        matmul.allow_tf32 = before
