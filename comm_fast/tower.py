@@ -240,7 +240,8 @@ class COMMVisionTower(nn.Module):
         w = self.projector.weight
         lead = v1.shape[:-1]
         out = torch.addmm(self.projector.bias, v1.reshape(-1, dc), w[:, :dc].t())
-        out = out.addmm_(m.reshape(-1, dc), w[:, dc:].t())
+        # in place, so autocast leaves it alone: its operands follow the output's (autocast) dtype
+        out = out.addmm_(m.reshape(-1, dc).to(out.dtype), w[:, dc:].t().to(out.dtype))
         return out.reshape(*lead, -1)
 
     def encode(self, images, dtype: torch.dtype | None = None) -> torch.Tensor:

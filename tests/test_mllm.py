@@ -47,6 +47,18 @@ def test_forward_backward_trains_heads_and_llm_not_encoders(model):
     assert all(p.grad is None for p in model.vision.dino.parameters())
 
 
+def test_forward_backward_under_bf16_autocast(model):
+    """As training runs on a GPU (bf16 autocast; CPU autocast takes the same paths here)."""
+    s = sample(model)
+    ids, labels = torch.from_numpy(s.input_ids)[None], torch.from_numpy(s.labels)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, pixel_values=pixels(1), labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for p in (model.vision.clip_merge.weight, model.vision.projector.weight, model.llm.model.layers[0].mlp.up_proj.weight):
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
 def test_label_masking(model):
     tok = model.tokenizer
     s = sample(model)

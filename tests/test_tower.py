@@ -66,6 +66,22 @@ def test_tower_backward_matches_reference(tmp_path, seed):
         assert ours.dtype == torch.float64 and rel_err(ours, theirs.grad) <= 1e-10
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["streaming", "buffered"])
+def test_tower_under_bf16_autocast(tmp_path, seed, grad):
+    """Training on a GPU runs under bf16 autocast: the tower computes in bf16 like the reference does
+    there (every Linear in bf16), and its fp32 heads get fp32 grads."""
+    tower, ref = _build(tmp_path)
+    clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = tower(clip_px, dino_px), ref(clip_px, dino_px)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert rel_err(out.float(), expected.float()) <= 2e-2  # a few bf16 ulps
+    if grad:
+        out.float().sum().backward()
+        assert tower.projector.weight.grad.dtype == torch.float32
+        assert torch.isfinite(tower.clip_merge.weight.grad).all() and tower.dino_mlp.fc1.weight.grad.abs().sum() > 0
+
+
 def test_state_dict_names_follow_the_contract(tmp_path, seed):
     tower, _ = _build(tmp_path)
     keys = set(tower.state_dict())

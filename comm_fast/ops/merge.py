@@ -177,6 +177,17 @@ def _check_param(name: str, t, expected: tuple, desc: str, ref: Tensor) -> None:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of the input), got {t.device}")
 
 
+def _autocast(device_type: str, inputs: list[Tensor], *params: Tensor) -> tuple[list[Tensor], tuple]:
+    """Under torch.autocast, the GEMM ops (multilevel_merge, fused_mlp) run in autocast's dtype, as the
+    nn.Linear layers they fuse would: custom ops are not cast by autocast itself. (Casts are recorded
+    by autograd, so fp32 parameters still get fp32 grads.) layernorm_weighted_sum, like LayerNorm,
+    keeps its input dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return inputs, params
+    dtype = torch.get_autocast_dtype(device_type)
+    return [x.to(dtype) for x in inputs], tuple(p.to(dtype) for p in params)
+
+
 def _check_eps(eps) -> float:
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
@@ -540,6 +551,8 @@ def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e
     eps = _check_eps(eps)
     name, why = _resolve("multilevel_merge", backend, ref.device.type)
     _note("multilevel_merge", name, why)
+    arg, (ln_weight, ln_bias, weight, bias, alpha) = _autocast(ref.device.type, arg, ln_weight, ln_bias, weight,
+                                                               bias, alpha)
     return _merge_op(arg, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, name)[0]
 
 
@@ -562,5 +575,6 @@ def fused_mlp(x, w1, b1, w2, b2, activation: str = "gelu", backend: str | None =
     _check_param("b2", b2, (w2.shape[0],), "[D2]", x)
     name, why = _resolve("fused_mlp", backend, x.device.type)
     _note("fused_mlp", name, why)
+    (x,), (w1, b1, w2, b2) = _autocast(x.device.type, [x], w1, b1, w2, b2)
     save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
     return _mlp_op(x, w1, b1, w2, b2, activation, save_pre, name)[0]

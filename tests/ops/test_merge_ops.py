@@ -261,6 +261,10 @@ def test_compile_fullgraph_no_graph_breaks(seed, clean_env):
     rg = torch.autograd.grad(ref.sum(), p + m)
     for a, b in zip(g, rg):
         torch.testing.assert_close(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast casts trace too
+        out, ref = compiled(h, *p, *m), tower_like(h, *p, *m)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
 
 
 @pytest.mark.parametrize("stacked", [True, False])
@@ -275,3 +279,21 @@ def test_opcheck_cpu(stacked, seed):
                           (harg, stacked, p[0], p[1], p[4], 1e-5, "torch"))
     torch.library.opcheck(torch.ops.comm_fast.fused_mlp.default,
                           (rand(5, 8, dtype=torch.float32).requires_grad_(True), *m, "gelu", True, "torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gemm_ops_run_in_autocast_dtype(backend, seed, clean_env):
+    """Under torch.autocast the merge and the MLP compute in autocast's dtype, like the nn.Linear layers
+    they fuse (custom ops are not cast by autocast itself), and fp32 parameters still get fp32 grads."""
+    h = rand(3, 2, 5, 16, dtype=torch.float32)
+    params = [p.float().requires_grad_(True) for p in merge_params(3, 16, 8, torch.float64)]
+    mlp = [p.float().requires_grad_(True) for p in mlp_params(8, 12, 4, torch.float64)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = ops.multilevel_merge(h, *params, backend=backend)
+        out = ops.fused_mlp(merged, *mlp, backend=backend)
+        ref = ref_mlp(ref_merge(list(h.unbind(0)), *params), *mlp, "gelu")  # torch autocasts its F.linear
+        lnws = ops.layernorm_weighted_sum(h, params[0], params[1], params[4], backend=backend)
+    assert merged.dtype == out.dtype == ref.dtype == torch.bfloat16 and lnws.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.float(), rtol=4e-2, atol=4e-2)
+    grads = torch.autograd.grad(out.float().sum(), params + mlp)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
