@@ -84,7 +84,8 @@ def preprocess_image(image: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     x = x.round().clamp(0, 255)  # image processors resize in uint8
     top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
     x = x[0, :, top:top + size, left:left + size] / 255.0
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    mean, std = (torch.tensor(v, device=x.device)[:, None, None] for v in (mean, std))  # on the image's device
+    return (x - mean) / std
 
 
 class LLN(nn.Module):
