@@ -515,23 +515,24 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    def save(result):  # after every row, atomically: an interrupted run keeps its measured rows
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+    def save(result):  # after every row (JSON atomically): an interrupted run keeps its measured rows
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(tmp, args.json)
+        if args.plot:
+            plot_speedups(result, args.plot)
 
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    for path in (args.json, args.plot):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     result = run_benchmarks(args.preset, args.ops, compile_ref=not args.no_compile, progress=not args.no_progress,
-                            on_row=save if args.json else None)
+                            on_row=save if args.json or args.plot else None)
     print(format_table(result))
-    if args.json:
-        save(result)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot_speedups(result, args.plot)
-        print(f"wrote {args.plot}")
+    for path in (args.json, args.plot):
+        if path:
+            print(f"wrote {path}")
     failed = [r["name"] for r in result["rows"] if r.get("error")]
     if failed:
         print(f"comm-fast bench: error: {len(failed)} subject(s) failed: {', '.join(failed)}", file=sys.stderr)
