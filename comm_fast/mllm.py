@@ -321,14 +321,20 @@ class COMMForCausalLM(nn.Module):
                 out.loss = out.loss_sum / max(out.num_label_tokens, 1)
         return out
 
-    def _forward_llm(self, input_ids, attention_mask, features, labels, position_ids, return_logits) -> COMMOutput:
+    def _inputs_embeds(self, input_ids, attention_mask, features, labels=None, packed=False):
+        """(input_ids, attention_mask, labels, embeds): one ``<image>`` per image expanded to N tokens
+        when the text has not done so, then the visual tokens written in."""
         n_img = 0 if features is None else features.shape[0]
         count = int((input_ids == self.config.image_token_id).sum())
         if n_img and count == n_img and self.num_image_tokens > 1:
-            if position_ids is not None:
+            if packed:
                 raise ValueError("input_ids: packed rows must carry N image tokens per image (already expanded)")
             input_ids, attention_mask, labels = self.expand_image_tokens(input_ids, attention_mask, labels)
-        embeds = self.embed(input_ids, features)
+        return input_ids, attention_mask, labels, self.embed(input_ids, features)
+
+    def _forward_llm(self, input_ids, attention_mask, features, labels, position_ids, return_logits) -> COMMOutput:
+        input_ids, attention_mask, labels, embeds = self._inputs_embeds(input_ids, attention_mask, features, labels,
+                                                                        packed=position_ids is not None)
 
         packed = position_ids is not None and attention_mask is None
         kw: dict[str, Any] = dict(use_cache=False)
@@ -404,11 +410,7 @@ class COMMForCausalLM(nn.Module):
                 isinstance(images, torch.Tensor) and images.dim() == 4):
             images = [images]
         features = self.image_features(pixel_values, images)
-        n_img = 0 if features is None else features.shape[0]
-        count = int((input_ids == self.config.image_token_id).sum())
-        if n_img and count == n_img and self.num_image_tokens > 1:
-            input_ids, attention_mask, _ = self.expand_image_tokens(input_ids, attention_mask)
-        embeds = self.embed(input_ids, features)
+        input_ids, attention_mask, _, embeds = self._inputs_embeds(input_ids, attention_mask, features)
         eos = self.config.text.get("eos_token_id")
         pad = self.config.text.get("pad_token_id")
         # the image placeholder is never an answer: emitted, it would stand for an image nobody gave
