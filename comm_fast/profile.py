@@ -384,9 +384,18 @@ def profile(args) -> dict:
         # warm-up and measured steps, the variants interleaved step by step on the same batches
         log(f"{len(variants)} variants x ({args.warmup} warm-up + {args.steps} measured) steps of "
             f"{session.batch_size} samples")
+        failed = {}  # a comparison variant that fails is reported and dropped; ours failing is the error
         for k in range(measured):
-            for v in variants:
-                rec = session.step(v, k)
+            for v in list(variants):
+                try:
+                    rec = session.step(v, k)
+                except Exception as exc:
+                    if v is variants[0]:
+                        raise
+                    failed[v.name] = {"label": v.label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    log(f"variant {v.label} failed at step {k}, dropped: {failed[v.name]['error']}")
+                    variants = [u for u in variants if u is not v]
+                    continue
                 if k >= args.warmup:
                     v.records.append(rec)
         total_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -403,11 +412,12 @@ def profile(args) -> dict:
 
     model = session.model
     rows = {v.name: _summary(v, peak_tflops) for v in variants}
+    rows.update(failed)
     ratios = {}
-    if "ours_padded" in rows:
+    if "tokens_per_s" in rows.get("ours_padded", {}):
         ratios["packed_over_padded_tokens_per_s"] = (rows["ours_packed"]["tokens_per_s"]
                                                      / rows["ours_padded"]["tokens_per_s"])
-    if "baseline_packed" in rows:
+    if "tokens_per_s" in rows.get("baseline_packed", {}):
         ratios["ours_over_baseline_tokens_per_s"] = (rows["ours_packed"]["tokens_per_s"]
                                                      / rows["baseline_packed"]["tokens_per_s"])
         a, b = rows["ours_packed"]["peak_step_mem_mb"], rows["baseline_packed"]["peak_step_mem_mb"]
@@ -505,7 +515,8 @@ def _device_name(device) -> str:
 
 # -- report ---------------------------------------------------------------------------------------
 def format_report(r: dict) -> str:
-    rows = r["variants"]
+    failed = {n: v for n, v in r["variants"].items() if "error" in v}
+    rows = {n: v for n, v in r["variants"].items() if n not in failed}
     names = list(rows)
     w = max(16, *(len(rows[n]["label"]) + 2 for n in names))
     head = f"{'':<52}" + "".join(f"{rows[n]['label']:>{w}}" for n in names)
@@ -562,6 +573,7 @@ def format_report(r: dict) -> str:
     if r["backends"]:
         out.append("ours, backends that ran: " + ", ".join(f"{k}={v}" for k, v in r["backends"].items())
                    + (" (Triton interpreter: not fused times)" if r["triton_interpreter"] else ""))
+    out += [f"variant {v['label']} FAILED and was dropped: {v['error']}" for v in failed.values()]
     return "\n".join(out)
 
 
@@ -579,4 +591,4 @@ def run(args) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
-    return 0
+    return 1 if any("error" in v for v in result["variants"].values()) else 0

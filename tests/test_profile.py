@@ -52,6 +52,26 @@ def test_trace_is_a_chrome_trace(run):
     assert {"comm_fast::vision", "comm_fast::llm_forward", "comm_fast::backward"} <= names
 
 
+def test_a_failing_comparison_variant_is_reported_and_dropped(tmp_path, capsys, monkeypatch):
+    from comm_fast import profile
+
+    real = profile.Session.step
+
+    def step(self, variant, k):
+        if variant.name == "baseline_packed":
+            raise RuntimeError("CUDA out of memory")
+        return real(self, variant, k)
+
+    monkeypatch.setattr(profile.Session, "step", step)
+    assert cli(["profile-train", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                "--no-padded", "--baseline", "--json", str(tmp_path / "p.json")]) == 1  # reported, not hidden
+    text = capsys.readouterr().out
+    assert "variant baseline packed FAILED and was dropped: RuntimeError: CUDA out of memory" in text
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert r["variants"]["baseline_packed"]["error"].startswith("RuntimeError") and r["ratios"] == {}
+    assert r["variants"]["ours_packed"]["tokens_per_s"] > 0
+
+
 def test_table_is_printed(tmp_path, capsys):
     assert cli(["profile-train", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2",
                 "--no-padded"]) == 0
