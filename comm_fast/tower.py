@@ -213,11 +213,15 @@ class COMMVisionTower(nn.Module):
                 acc = term if acc is None else acc.add_(term)
                 del term, h  # only the running sum stays alive while the next block runs
             return merge.finish(acc)
+        dtype = None
+        device = pixels.device.type
+        if merge.per_layer_linear and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)  # what the merge GEMM reads: the buffer needs no cast copy
         if self._encoders_frozen() and not pixels.requires_grad:
             with torch.no_grad():  # frozen encoders keep no autograd graph, only the hidden states
-                hidden = encoder(pixels, layers)
+                hidden = encoder(pixels, layers, dtype=dtype)
         else:
-            hidden = encoder(pixels, layers)
+            hidden = encoder(pixels, layers, dtype=dtype)
         return merge(hidden[:, :, skip:])  # strided token view of the one buffer, no copy
 
     def forward(self, clip_pixels: torch.Tensor, dino_pixels: torch.Tensor) -> torch.Tensor:

@@ -72,9 +72,12 @@ def test_tower_under_bf16_autocast(tmp_path, seed, grad):
     there (every Linear in bf16), and its fp32 heads get fp32 grads."""
     tower, ref = _build(tmp_path)
     clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
+    seen = []
+    tower.clip_merge.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
     with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
         out, expected = tower(clip_px, dino_px), ref(clip_px, dino_px)
     assert out.dtype == expected.dtype == torch.bfloat16
+    assert seen == ([] if not grad else [torch.bfloat16])  # buffered: the hidden states are stored in bf16
     assert rel_err(out.float(), expected.float()) <= 2e-2  # a few bf16 ulps
     if grad:
         out.float().sum().backward()

@@ -242,16 +242,17 @@ class ViTEncoder(nn.Module):
                 yield i, x
 
     def forward(self, pixels: torch.Tensor, layers: Sequence[int] | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The requested hidden states stacked ``[len(layers), B, T, D]`` in the order asked.
 
-        ``out``: an optional preallocated buffer of that shape to write into.
+        ``out``: an optional preallocated buffer of that shape to write into; ``dtype``: the dtype of
+        the buffer allocated otherwise (default: the hidden states').
         """
         layers = self._check_layers(range(1, self.config.num_layers + 1) if layers is None else layers)
         slot = {idx: k for k, idx in enumerate(layers)}
         for idx, h in self.iter_hidden_states(pixels, layers):
             if out is None:
-                out = h.new_empty((len(layers), *h.shape))
+                out = h.new_empty((len(layers), *h.shape), dtype=dtype or h.dtype)
             elif out.shape != (len(layers), *h.shape):
                 raise ValueError(f"out: expected shape {(len(layers), *h.shape)}, got {tuple(out.shape)}")
             out[slot[idx]] = h
