@@ -17,6 +17,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -370,9 +371,12 @@ def run_benchmarks(preset: str = "cpu-small", subjects=SUBJECTS, compile_ref: bo
         try:  # built one at a time: only this subject's inputs are resident while it is timed
             (case,) = build_cases(p, device, [subject], cache)
             row = _measure(case, p, device, bw, tf, compile_ref)
-        except Exception as exc:  # reported in its row; the other subjects still run
+        except Exception as exc:  # reported in its row (traceback on stderr); the other subjects still run
+            traceback.print_exc()
+            text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
             row = {"name": subject, "dtype": str(p["dtype"]).split(".")[-1], "device": device.type,
-                   "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+                   "error": f"{type(exc).__name__}: {text[-1000:]}"}
+        case = None  # its inputs go before the next subject's are built
         result["rows"].append(row)
         if on_row is not None:
             on_row(result)
@@ -508,6 +512,8 @@ def add_arguments(parser) -> None:
                         help="shapes (cpu-small switches to h200 when a GPU is present)")
     parser.add_argument("--ops", nargs="+", default=list(SUBJECTS), choices=SUBJECTS, metavar="SUBJECT",
                         help=f"subjects to run, from {', '.join(SUBJECTS)}")
+    parser.add_argument("--skip", nargs="+", default=[], choices=SUBJECTS, metavar="SUBJECT",
+                        help="subjects to leave out")
     parser.add_argument("--json", metavar="FILE", help="write one JSON row per subject here")
     parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speedups")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -522,12 +528,15 @@ def run(args) -> int:
                 json.dump(result, f, indent=2)
             os.replace(tmp, args.json)
         if args.plot:
-            plot_speedups(result, args.plot)
+            tmp = args.plot + ".tmp.png"
+            plot_speedups(result, tmp)
+            os.replace(tmp, args.plot)
 
     for path in (args.json, args.plot):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    result = run_benchmarks(args.preset, args.ops, compile_ref=not args.no_compile, progress=not args.no_progress,
+    subjects = [s for s in args.ops if s not in args.skip]
+    result = run_benchmarks(args.preset, subjects, compile_ref=not args.no_compile, progress=not args.no_progress,
                             on_row=save if args.json or args.plot else None)
     print(format_table(result))
     for path in (args.json, args.plot):

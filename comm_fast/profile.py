@@ -392,6 +392,9 @@ def profile(args) -> dict:
                 except Exception as exc:
                     if v is variants[0]:
                         raise
+                    session.optimizer.zero_grad(set_to_none=True)  # no grads of it reach ours' next step
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     failed[v.name] = {"label": v.label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     log(f"variant {v.label} failed at step {k}, dropped: {failed[v.name]['error']}")
                     variants = [u for u in variants if u is not v]

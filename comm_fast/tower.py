@@ -215,7 +215,7 @@ class COMMVisionTower(nn.Module):
             return merge.finish(acc)
         dtype = None
         device = pixels.device.type
-        if merge.per_layer_linear and torch.is_autocast_enabled(device):
+        if merge.per_layer_linear and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)  # what the merge GEMM reads: the buffer needs no cast copy
         if self._encoders_frozen() and not pixels.requires_grad:
             with torch.no_grad():  # frozen encoders keep no autograd graph, only the hidden states

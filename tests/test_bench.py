@@ -48,10 +48,11 @@ def test_a_failing_subject_is_reported_and_the_rest_still_run(tmp_path, capsys, 
         return real(p, device, subjects, cache)
 
     monkeypatch.setattr(bench, "build_cases", build)
-    code = cli(["bench", "--ops", "resample_tokens", "interpolate_pos_embed", "--no-compile", "--no-progress",
-                "--json", str(path)])
+    code = cli(["bench", "--ops", "resample_tokens", "interpolate_pos_embed", "fused_mlp", "--skip", "fused_mlp",
+                "--no-compile", "--no-progress", "--json", str(path)])
     captured = capsys.readouterr()
     assert code == 1 and "1 subject(s) failed: resample_tokens" in captured.err
+    assert "Traceback" in captured.err and "no kernel image for this device" in captured.err  # where it failed
     assert "FAILED: RuntimeError: no kernel image" in captured.out
     rows = json.loads(path.read_text())["rows"]
     assert [r["name"] for r in rows] == ["resample_tokens", "interpolate_pos_embed"]

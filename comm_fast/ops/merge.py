@@ -182,10 +182,11 @@ def _autocast(device_type: str, inputs: list[Tensor], *params: Tensor) -> tuple[
     nn.Linear layers they fuse would: custom ops are not cast by autocast itself. (Casts are recorded
     by autograd, so fp32 parameters still get fp32 grads.) layernorm_weighted_sum, like LayerNorm,
     keeps its input dtype."""
-    if not torch.is_autocast_enabled(device_type):
-        return inputs, params
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return inputs, params  # (meta tensors, for one, have no autocast)
     dtype = torch.get_autocast_dtype(device_type)
-    return [x.to(dtype) for x in inputs], tuple(p.to(dtype) for p in params)
+    cast = lambda t: t if t.dtype == torch.float64 else t.to(dtype)  # noqa: E731 - autocast leaves fp64 alone
+    return [cast(x) for x in inputs], tuple(cast(p) for p in params)
 
 
 def _check_eps(eps) -> float:

@@ -299,3 +299,12 @@ def test_gemm_ops_run_in_autocast_dtype(backend, seed, clean_env):
     accuracy.check("out", out, ref64, ref)  # within 2x torch's own error under autocast (+ 1 bf16 ulp)
     grads = torch.autograd.grad(out.float().sum(), params + mlp)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_autocast_leaves_float64_and_meta_alone(seed, clean_env):
+    h = rand(3, 2, 5, 16)
+    params = merge_params(3, 16, 8, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.multilevel_merge(h, *params).dtype == torch.float64  # as torch's autocast does
+        meta = ops.multilevel_merge(h.to("meta"), *[p.to("meta") for p in params])  # shape inference
+    assert meta.shape == (2, 5, 8) and meta.device.type == "meta"
