@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from comm_fast import ops
+from comm_fast.ops.merge import autocast_dtype
 from comm_fast._io import atomic_directory, save_safetensors
 from comm_fast.config import CONFIG_TYPE, COMMVisionConfig
 from comm_fast.models import CLIPVisionEncoder, DINOv2Encoder, ViTConfig, loading
@@ -213,10 +214,8 @@ class COMMVisionTower(nn.Module):
                 acc = term if acc is None else acc.add_(term)
                 del term, h  # only the running sum stays alive while the next block runs
             return merge.finish(acc)
-        dtype = None
-        device = pixels.device.type
-        if merge.per_layer_linear and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)  # what the merge GEMM reads: the buffer needs no cast copy
+        # under autocast the merge GEMM reads the buffer in autocast's dtype: store it so, no cast copy
+        dtype = autocast_dtype(pixels.device.type) if merge.per_layer_linear else None
         if self._encoders_frozen() and not pixels.requires_grad:
             with torch.no_grad():  # frozen encoders keep no autograd graph, only the hidden states
                 hidden = encoder(pixels, layers, dtype=dtype)

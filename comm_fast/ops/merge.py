@@ -177,14 +177,22 @@ def _check_param(name: str, t, expected: tuple, desc: str, ref: Tensor) -> None:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of the input), got {t.device}")
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast computes GEMMs in on this device type, or None where it is off (or, as
+    on meta tensors, does not exist)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _autocast(device_type: str, inputs: list[Tensor], *params: Tensor) -> tuple[list[Tensor], tuple]:
     """Under torch.autocast, the GEMM ops (multilevel_merge, fused_mlp) run in autocast's dtype, as the
     nn.Linear layers they fuse would: custom ops are not cast by autocast itself. (Casts are recorded
     by autograd, so fp32 parameters still get fp32 grads.) layernorm_weighted_sum, like LayerNorm,
     keeps its input dtype."""
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
-        return inputs, params  # (meta tensors, for one, have no autocast)
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return inputs, params
     cast = lambda t: t if t.dtype == torch.float64 else t.to(dtype)  # noqa: E731 - autocast leaves fp64 alone
     return [cast(x) for x in inputs], tuple(cast(p) for p in params)
 
