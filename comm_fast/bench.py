@@ -28,10 +28,16 @@ from comm_fast import _backend, reference
 PRESETS = {
     # CPU, fp32, sized for 2 cores and a few minutes: one 336px image for the merges
     "cpu-small": dict(dtype=torch.float32, clip_l=24, dino_l=6, d=1024, tokens=576, batch=1, mlp_hidden=4096,
-                      resample_batch=8, images=32, tower_batch=2, tower_dim=256, tower_heads=4, reps=7),
+                      resample_batch=8, images=32, tower_batch=2, tower_dim=256, tower_heads=4, reps=7,
+                      ceiling_bytes=256 * 2**20, ceiling_gemm=2048),
     # the real sizes of the paper's model: CLIP ViT-L/14 at 336, batch 32, bf16
     "h200": dict(dtype=torch.bfloat16, clip_l=24, dino_l=6, d=1024, tokens=576, batch=32, mlp_hidden=4096,
-                 resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, reps=20),
+                 resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, reps=20,
+                 ceiling_bytes=2 * 2**30, ceiling_gemm=8192),
+    # a smoke run in seconds (the GPU check's rehearsal on a CPU): its times say nothing
+    "cpu-tiny": dict(dtype=torch.float32, clip_l=3, dino_l=2, d=64, tokens=16, batch=1, mlp_hidden=128,
+                     resample_batch=1, images=2, tower_batch=1, tower_dim=64, tower_heads=2, reps=2,
+                     ceiling_bytes=8 * 2**20, ceiling_gemm=256),
 }
 
 
@@ -283,7 +289,8 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
                           lambda hs: reference.multilevel_merge(hs, *params).backward(g), (list(h.unbind(0)),),
                           bytes=(2 * L * M * D + 3 * L * D * D + 2 * M * D) * es, flops=2 * 2 * M * L * D * D,
                           op="multilevel_merge",
-                          check=lambda: (outputs(ops.multilevel_merge, h), outputs(reference.multilevel_merge, h.unbind(0)))))
+                          check=lambda: (outputs(ops.multilevel_merge, h),
+                                         outputs(reference.multilevel_merge, h.unbind(0)))))
     if "fused_mlp" in subjects:
         H = p["mlp_hidden"]
         x = torch.randn(M, D, device=device, dtype=dt)
@@ -453,8 +460,8 @@ def run_benchmarks(preset: str | None = None, subjects=SUBJECTS, compile_ref: bo
     if unknown:
         raise ValueError(f"ops: unknown subjects {sorted(unknown)}; choose from {SUBJECTS}")
     cache = 64 * 2**20 if device.type == "cpu" else 128 * 2**20
-    bw = copy_bandwidth_gbs(device, 256 * 2**20 if device.type == "cpu" else 2 * 2**30)
-    tf = gemm_tflops(device, p["dtype"], 2048 if device.type == "cpu" else 8192)
+    bw = copy_bandwidth_gbs(device, p["ceiling_bytes"])
+    tf = gemm_tflops(device, p["dtype"], p["ceiling_gemm"])
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
                "threads": torch.get_num_threads(), "copy_gbs": round(bw, 1),
                f"gemm_tflops_{str(p['dtype']).split('.')[-1]}": round(tf, 3), "torch": torch.__version__,
