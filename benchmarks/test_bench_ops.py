@@ -1,7 +1,7 @@
 """pytest-benchmark suite: ``pytest benchmarks/ --benchmark-only`` (not part of ``make test``).
 
 Each subject of ``comm-fast bench`` twice: the fused path and its eager reference, at the
-preset's shapes (COMM_FAST_BENCH_PRESET, default cpu-small; h200 shapes on a GPU).
+preset's shapes (COMM_FAST_BENCH_PRESET; by default h200 on a GPU, cpu-small otherwise).
 """
 import functools
 import os
@@ -12,7 +12,7 @@ import torch
 from comm_fast import bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-PRESET = os.environ.get("COMM_FAST_BENCH_PRESET", "h200" if DEVICE.type == "cuda" else "cpu-small")
+PRESET = os.environ.get("COMM_FAST_BENCH_PRESET") or bench.default_preset(DEVICE)
 
 
 @functools.lru_cache(maxsize=None)

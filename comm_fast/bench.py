@@ -28,11 +28,24 @@ from comm_fast import _backend, reference
 PRESETS = {
     # CPU, fp32, sized for 2 cores and a few minutes: one 336px image for the merges
     "cpu-small": dict(dtype=torch.float32, clip_l=24, dino_l=6, d=1024, tokens=576, batch=1, mlp_hidden=4096,
-                      resample_batch=8, images=32, tower_batch=2, tower_dim=256, tower_heads=4, reps=7),
+                      resample_batch=8, images=32, tower_batch=2, tower_dim=256, tower_heads=4, reps=7,
+                      ceiling_bytes=256 * 2**20, ceiling_gemm=2048),
     # the real sizes of the paper's model: CLIP ViT-L/14 at 336, batch 32, bf16
     "h200": dict(dtype=torch.bfloat16, clip_l=24, dino_l=6, d=1024, tokens=576, batch=32, mlp_hidden=4096,
-                 resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, reps=20),
+                 resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, reps=20,
+                 ceiling_bytes=2 * 2**30, ceiling_gemm=8192),
+    # a smoke run in seconds (the GPU check's rehearsal on a CPU): its times say nothing
+    "cpu-tiny": dict(dtype=torch.float32, clip_l=3, dino_l=2, d=64, tokens=16, batch=1, mlp_hidden=128,
+                     resample_batch=1, images=2, tower_batch=1, tower_dim=64, tower_heads=2, reps=2,
+                     ceiling_bytes=8 * 2**20, ceiling_gemm=256),
 }
+
+
+def default_preset(device: torch.device) -> str:
+    """The preset when none is named: the real sizes on a GPU, the small ones on a CPU."""
+    return "h200" if device.type == "cuda" else "cpu-small"
+
+
 SUBJECTS = ("layernorm_weighted_sum", "multilevel_merge", "multilevel_merge_fwd_bwd", "fused_mlp",
             "resample_tokens", "resample_tokens_into_slot", "interpolate_pos_embed", "joint_preprocess", "tower")
 
@@ -148,6 +161,47 @@ def gemm_tflops(device, dtype, n: int) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+# ------------------------------------------------------------------------------- agreement
+# Largest |fused - reference| a row accepts, as a fraction of the reference output's largest magnitude.
+# Two correct computations in one dtype differ by their rounding (a few ulps per op, compounded over the
+# tower's 48 blocks); a wrong table, layer or constant moves outputs by a sizeable part of that scale.
+AGREE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2.0**-7, torch.bfloat16: 2.0**-4}
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of an output, in order: a tensor, or a tuple / list / mapping (BatchFeature) of them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "values") and hasattr(out, "keys"):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def outputs_agree(fused, ref, atol: float = 0.0, fraction: float = 1.0) -> str | None:
+    """None if each fused output tensor matches the reference's in shape and, on at least ``fraction``
+    of its elements, lies within AGREE_TOL (of the less precise of the two dtypes) x max|ref| + ``atol``;
+    otherwise what differs. NaN never agrees."""
+    got, want = _tensors(fused), _tensors(ref)
+    if not want or len(got) != len(want):
+        return f"{len(got)} fused output tensor(s) against {len(want)} of the reference"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.shape != b.shape:
+            return f"output {i}: shape {tuple(a.shape)} against the reference's {tuple(b.shape)}"
+        a, b = a.detach().to(b.device, torch.float64), b.detach().double()
+        tol = max(AGREE_TOL.get(t.dtype, 1e-4) for t in (got[i], want[i]))
+        scale = b.abs().max().item() if b.numel() else 0.0
+        allowed = tol * scale + atol
+        err = (a - b).abs()
+        bad = int((~(err <= allowed)).sum())  # NaN counts as bad
+        if bad > (1.0 - fraction) * err.numel():
+            worst = err.nan_to_num(float("inf")).max().item()
+            return (f"output {i}: {bad} of {err.numel()} elements off by more than {allowed:.3g} "
+                    f"({tol:.3g} x max|ref| {scale:.3g}" + (f" + {atol:.3g}" if atol else "") + f"), worst {worst:.3g}")
+    return None
+
+
 @dataclasses.dataclass
 class Case:
     """One subject: the fused call, its eager reference, and what torch.compile is applied to."""
@@ -163,6 +217,10 @@ class Case:
     extra: dict = dataclasses.field(default_factory=dict)   # more baselines: name -> callable
     op: str | None = None            # the comm_fast op whose backend is recorded
     compile_on_cpu: bool = True      # False where inductor's CPU compile alone outlasts the preset's budget
+    # (fused outputs, reference outputs) on one input set, compared before timing; None: (fused(), ref()),
+    # right only where neither rotates its inputs
+    check: Callable[[], tuple] | None = None
+    check_rule: dict = dataclasses.field(default_factory=dict)  # outputs_agree keywords, e.g. for resamplers
 
 
 # ----------------------------------------------------------------------------------- cases
@@ -201,7 +259,9 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
                           lambda: ops.layernorm_weighted_sum(next_h(), lw, lb, a),
                           lambda: reference.layernorm_weighted_sum(next_h().unbind(0), lw, lb, a),
                           reference.layernorm_weighted_sum, (list(h.unbind(0)), lw, lb, a),
-                          bytes=(L + 1) * M * D * es, op="layernorm_weighted_sum"))
+                          bytes=(L + 1) * M * D * es, op="layernorm_weighted_sum",
+                          check=lambda: (ops.layernorm_weighted_sum(h, lw, lb, a),
+                                         reference.layernorm_weighted_sum(h.unbind(0), lw, lb, a))))
     if "multilevel_merge" in subjects:
         h, (lw, lb, w, b, a) = _merge_inputs(p, device, L)
         cases.append(Case("multilevel_merge", f"L={L} M={M} D={D}",
@@ -219,12 +279,18 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
             for t in params:
                 t.grad = None
 
+        def outputs(fn, hs):  # the output and every parameter's grad
+            out = fn(hs, *params)
+            return (out.detach(), *torch.autograd.grad(out, params, g))
+
         cases.append(Case("multilevel_merge_fwd_bwd", f"L={L} M={M} D={D} (h frozen)",
                           lambda: step(ops.multilevel_merge, h),
                           lambda: step(reference.multilevel_merge, h.unbind(0)),
                           lambda hs: reference.multilevel_merge(hs, *params).backward(g), (list(h.unbind(0)),),
                           bytes=(2 * L * M * D + 3 * L * D * D + 2 * M * D) * es, flops=2 * 2 * M * L * D * D,
-                          op="multilevel_merge"))
+                          op="multilevel_merge",
+                          check=lambda: (outputs(ops.multilevel_merge, h),
+                                         outputs(reference.multilevel_merge, h.unbind(0)))))
     if "fused_mlp" in subjects:
         H = p["mlp_hidden"]
         x = torch.randn(M, D, device=device, dtype=dt)
@@ -245,7 +311,9 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
                           lambda: reference.resample_tokens(next_tokens(), (37, 37), (24, 24)),
                           reference.resample_tokens, (t, (37, 37), (24, 24)),
                           ref_name="F.interpolate + permute + contiguous",
-                          bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens"))
+                          bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens",
+                          check=lambda: (ops.resample_tokens(t, (37, 37), (24, 24)),
+                                         reference.resample_tokens(t, (37, 37), (24, 24)))))
     if "resample_tokens_into_slot" in subjects:
         # the out= path: DINOv2's tokens written into their half of a concatenated [B, N, 2C] buffer
         slot = torch.empty(B, 24 * 24, 2 * D, device=device, dtype=dt)[..., D:]
@@ -254,7 +322,9 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
                           lambda: slot.copy_(reference.resample_tokens(next_tokens(), (37, 37), (24, 24))),
                           lambda x: slot.copy_(reference.resample_tokens(x, (37, 37), (24, 24))), (t,),
                           ref_name="F.interpolate + permute + contiguous, copied into the slot",
-                          bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens"))
+                          bytes=B * (37 * 37 + 24 * 24) * D * es, op="resample_tokens",
+                          check=lambda: (ops.resample_tokens(t, (37, 37), (24, 24), out=slot),
+                                         reference.resample_tokens(t, (37, 37), (24, 24)))))
     if "interpolate_pos_embed" in subjects:
         pos = torch.randn(1, 1 + 37 * 37, D, device=device, dtype=dt)
         cases.append(Case("interpolate_pos_embed", f"37x37->24x24 D={D} dinov2_offset",
@@ -270,36 +340,65 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
     return cases
 
 
+# transformers' image processors, preferred first: the PIL ones (the resize Pillow itself does), then the
+# torchvision-backed ones of the same names without the suffix.
+_PROCESSORS = (("CLIPImageProcessorPil", "BitImageProcessorPil"), ("CLIPImageProcessor", "BitImageProcessor"))
+
+
+def _processors(arrays, size):
+    """(call, name, failures): the first pair of transformers processors of _PROCESSORS that builds and
+    runs here, each with its encoder's mean/std, and why the pairs before it did not; raises with every
+    pair's failure when none does."""
+    import transformers
+
+    kw = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True)
+    failures = []
+    for clip_name, dino_name in _PROCESSORS:
+        try:
+            clip = getattr(transformers, clip_name)(**kw)
+            dino = getattr(transformers, dino_name)(**kw, image_mean=list(reference.DINO_MEAN),
+                                                    image_std=list(reference.DINO_STD), do_convert_rgb=False)
+            clip(arrays[:1], return_tensors="pt"), dino(arrays[:1], return_tensors="pt")  # needs its backend
+        except Exception as exc:  # absent from this transformers, or its image backend is not installed
+            failures.append(f"{clip_name}/{dino_name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            continue
+
+        def run(clip=clip, dino=dino):
+            return clip(arrays, return_tensors="pt")["pixel_values"], dino(arrays, return_tensors="pt")["pixel_values"]
+        return run, f"transformers {clip_name} + {dino_name}", failures
+    raise RuntimeError("; ".join(failures))
+
+
 def _preprocess_case(p, device) -> Case:
     from comm_fast import ops
 
     gen = torch.Generator().manual_seed(0)
-    n = p["images"]
+    n, size = p["images"], 336
     images = [torch.randint(0, 256, (480, 640, 3), dtype=torch.uint8, generator=gen) for _ in range(n)]
     dev_images = [im.to(device) for im in images]
     arrays = [im.numpy() for im in images]
 
-    def processors():
-        from transformers import BitImageProcessorPil, CLIPImageProcessorPil
-
-        kw = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True)
-        clip = CLIPImageProcessorPil(**kw)
-        dino = BitImageProcessorPil(**kw, image_mean=list(reference.DINO_MEAN), image_std=list(reference.DINO_STD),
-                                    do_convert_rgb=False)
-        return lambda: (clip(arrays, return_tensors="pt"), dino(arrays, return_tensors="pt"))
-
-    def torch_composition():
-        return [(reference.preprocess_image(im, 336, reference.CLIP_MEAN, reference.CLIP_STD),
-                 reference.preprocess_image(im, 336, reference.DINO_MEAN, reference.DINO_STD)) for im in dev_images]
+    def torch_composition():  # (clip, dino), each [n, 3, S, S]
+        return tuple(torch.stack([reference.preprocess_image(im, size, mean, std) for im in dev_images])
+                     for mean, std in ((reference.CLIP_MEAN, reference.CLIP_STD),
+                                       (reference.DINO_MEAN, reference.DINO_STD)))
 
     try:
-        ref = processors()
-        ref_name = "transformers CLIPImageProcessorPil + BitImageProcessorPil"
-    except Exception as exc:  # an older transformers without the PIL processors
-        ref, ref_name = torch_composition, f"torch composition (processors unavailable: {type(exc).__name__})"
-    return Case("joint_preprocess", f"{n} x 640x480 uint8 -> 2 x 336", lambda: ops.joint_preprocess(dev_images),
+        ref, ref_name, skipped = _processors(arrays, size)
+        if skipped:
+            ref_name += f" (unavailable: {'; '.join(skipped)})"
+    except Exception as exc:  # no usable processors: the reference composition stands in, and says so
+        ref = torch_composition
+        ref_name = (f"comm_fast.reference.preprocess_image per image, torch's antialiased bicubic (transformers' "
+                    f"processors unavailable: {exc})")
+    # Pillow's bicubic (a = -0.5) and torch's (a = -0.75) round to different uint8 pixels here and there
+    # (0.2 % of the values off by more than 2/255 on these noise images): 99 % of the values within 2/255
+    # of a pixel (in normalised units). A wrong table or constant moves nearly all of them.
+    rule = dict(atol=2 / 255 / min(reference.CLIP_STD + reference.DINO_STD), fraction=0.99)
+    return Case("joint_preprocess", f"{n} x 640x480 uint8 -> 2 x {size}", lambda: ops.joint_preprocess(dev_images),
                 ref, None, ref_name=ref_name, extra={"torch_composition": torch_composition},
-                bytes=n * (480 * 640 * 3 + 2 * 3 * 336 * 336 * 4), op="joint_preprocess")
+                bytes=n * (480 * 640 * 3 + 2 * 3 * size * size * 4), op="joint_preprocess",
+                check=lambda: (ops.joint_preprocess(dev_images), ref()), check_rule=rule)
 
 
 def tower_config(d: int, heads: int, out_dim: int):
@@ -344,21 +443,25 @@ def _tower_case(p, device) -> Case:
 
 
 # ------------------------------------------------------------------------------------ runner
-def run_benchmarks(preset: str = "cpu-small", subjects=SUBJECTS, compile_ref: bool = True,
+def run_benchmarks(preset: str | None = None, subjects=SUBJECTS, compile_ref: bool = True,
                    progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
-    """Measure each subject in turn. A subject that fails becomes a row with its ``error`` (the others
-    still run), and ``on_row(result)`` sees the result after every row, so a run cut short keeps
-    what it measured."""
+    """Measure each subject in turn (``preset`` None: ``default_preset`` of this machine's device).
+
+    Each row first compares the fused output with the reference's (``outputs_agree``): one that differs
+    is still timed but carries ``mismatch``, a failure of the run. A subject that fails becomes a row with
+    its ``error`` (the others still run). ``on_row(result)`` sees the result after every row, so a run cut
+    short keeps what it measured; an exception of ``on_row`` lands in that row's ``write_error``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and preset == "cpu-small":
-        preset = "h200"  # on a GPU the real shapes are the point
+    preset = preset or default_preset(device)
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
     unknown = set(subjects) - set(SUBJECTS)
     if unknown:
         raise ValueError(f"ops: unknown subjects {sorted(unknown)}; choose from {SUBJECTS}")
     cache = 64 * 2**20 if device.type == "cpu" else 128 * 2**20
-    bw = copy_bandwidth_gbs(device, 256 * 2**20 if device.type == "cpu" else 2 * 2**30)
-    tf = gemm_tflops(device, p["dtype"], 2048 if device.type == "cpu" else 8192)
+    bw = copy_bandwidth_gbs(device, p["ceiling_bytes"])
+    tf = gemm_tflops(device, p["dtype"], p["ceiling_gemm"])
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
                "threads": torch.get_num_threads(), "copy_gbs": round(bw, 1),
                f"gemm_tflops_{str(p['dtype']).split('.')[-1]}": round(tf, 3), "torch": torch.__version__,
@@ -373,14 +476,24 @@ def run_benchmarks(preset: str = "cpu-small", subjects=SUBJECTS, compile_ref: bo
             row = _measure(case, p, device, bw, tf, compile_ref)
         except Exception as exc:  # reported in its row (traceback on stderr); the other subjects still run
             traceback.print_exc()
-            text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
             row = {"name": subject, "dtype": str(p["dtype"]).split(".")[-1], "device": device.type,
-                   "error": f"{type(exc).__name__}: {text[-1000:]}"}
+                   "error": _describe(exc)}
         case = None  # its inputs go before the next subject's are built
         result["rows"].append(row)
         if on_row is not None:
-            on_row(result)
+            try:
+                on_row(result)
+            except Exception as exc:  # a JSON or plot error loses this write, not the run
+                traceback.print_exc()
+                row["write_error"] = _describe(exc)
     return result
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` on one line, the whole message (a Triton CompilationError's first line is only
+    where it happened), at most its last 1000 characters."""
+    text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text[-1000:]}"
 
 
 def _progress(items, enabled):
@@ -398,10 +511,15 @@ def _measure(case: Case, p, device, bw_gbs, tflops, compile_ref) -> dict:
     if case.name == "tower":  # its reference takes seconds per call on a CPU
         reps = max(3, reps // 2)
     before = _backend.last_used().get(case.op, {})
-    case.fused()
+    fused_out, ref_out = case.check() if case.check is not None else (case.fused(), case.ref())
     used = _backend.last_used().get(case.op, before) if case.op else {}
-    fns = {"fused": case.fused, "ref": case.ref, **case.extra}
+    mismatch = outputs_agree(fused_out, ref_out, **case.check_rule)
+    fused_out = ref_out = None
     note = []
+    if mismatch:  # still timed (GPU time is scarce), but the row and the run fail
+        mismatch = f"fused output ({used.get('backend', '?')}) differs from the reference's: {mismatch}"
+        print(f"comm-fast bench: {case.name}: {mismatch}", file=sys.stderr)
+    fns = {"fused": case.fused, "ref": case.ref, **case.extra}
     if case.compile_target is not None and device.type == "cpu" and not case.compile_on_cpu:
         note.append("torch.compile baseline skipped on CPU (its compile time alone exceeds the preset's budget)")
     elif case.compile_target is not None and compile_ref:
@@ -440,7 +558,7 @@ def _measure(case: Case, p, device, bw_gbs, tflops, compile_ref) -> dict:
         "bytes": case.bytes, "flops": case.flops,
         "peak_mem_mb": _round(peak_memory_mb(case.fused, device)),
         "ref_peak_mem_mb": _round(peak_memory_mb(case.ref, device)),
-        "extra_ms": extra, "note": "; ".join(note),
+        "extra_ms": extra, "note": "; ".join(note), "mismatch": mismatch,
     }
     for name, value in extra.items():
         row[f"speedup_vs_{name}"] = round(value / ms, 3)
@@ -467,6 +585,8 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         if r.get("error"):
             lines.append(f"{r['name']:<26}FAILED: {r['error']}")
+            if r.get("write_error"):
+                lines.append(f"{'':<26}results not written after this row: {r['write_error']}")
             continue
         fmt = lambda v, f: "-" if v is None else format(v, f)
         lines.append(f"{r['name']:<26}{r['backend']:<9}{r['ms']:>10.3f}{r['ref_ms']:>10.3f}"
@@ -477,6 +597,10 @@ def format_table(result: dict) -> str:
             lines.append(f"{'':<26}vs {name}: {ms:.3f} ms -> {r['speedup_vs_' + name]:.2f}x")
         if r["note"]:
             lines.append(f"{'':<26}note: {r['note']}")
+        if r.get("mismatch"):
+            lines.append(f"{'':<26}OUTPUTS DIFFER (times above are not of a correct result): {r['mismatch']}")
+        if r.get("write_error"):
+            lines.append(f"{'':<26}results not written after this row: {r['write_error']}")
     return "\n".join(lines)
 
 
@@ -508,8 +632,8 @@ def plot_speedups(result: dict, path: str) -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS),
-                        help="shapes (cpu-small switches to h200 when a GPU is present)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="shapes (default: h200 on a GPU, cpu-small otherwise); an explicit one is kept")
     parser.add_argument("--ops", nargs="+", default=list(SUBJECTS), choices=SUBJECTS, metavar="SUBJECT",
                         help=f"subjects to run, from {', '.join(SUBJECTS)}")
     parser.add_argument("--skip", nargs="+", default=[], choices=SUBJECTS, metavar="SUBJECT",
@@ -520,13 +644,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def _write_json(result: dict, path: str) -> None:
+    tmp = path + ".tmp"  # atomically: a run stopped while writing leaves the previous rows
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+
+
 def run(args) -> int:
-    def save(result):  # after every row (JSON atomically): an interrupted run keeps its measured rows
+    def save(result):  # after every row: an interrupted run keeps its measured rows
         if args.json:
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
-            os.replace(tmp, args.json)
+            _write_json(result, args.json)
         if args.plot:
             tmp = args.plot + ".tmp.png"
             plot_speedups(result, tmp)
@@ -538,11 +666,19 @@ def run(args) -> int:
     subjects = [s for s in args.ops if s not in args.skip]
     result = run_benchmarks(args.preset, subjects, compile_ref=not args.no_compile, progress=not args.no_progress,
                             on_row=save if args.json or args.plot else None)
+    if args.json and any(r.get("write_error") for r in result["rows"]):
+        try:  # the JSON then says which writes failed
+            _write_json(result, args.json)
+        except Exception:
+            traceback.print_exc()
     print(format_table(result))
     for path in (args.json, args.plot):
         if path:
             print(f"wrote {path}")
-    failed = [r["name"] for r in result["rows"] if r.get("error")]
+    failed = [r["name"] for r in result["rows"] if r.get("error") or r.get("mismatch")]
+    unwritten = [r["name"] for r in result["rows"] if r.get("write_error")]
     if failed:
         print(f"comm-fast bench: error: {len(failed)} subject(s) failed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    if unwritten:
+        print(f"comm-fast bench: error: writing the results failed after {', '.join(unwritten)}", file=sys.stderr)
+    return 1 if failed or unwritten else 0
