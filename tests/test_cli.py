@@ -67,14 +67,21 @@ def _threads_in_the_step(monkeypatch) -> list[int]:
     return seen
 
 
-def test_defaults_come_from_the_loaded_model(tmp_path, monkeypatch, capsys):
+def test_defaults_come_from_the_loaded_model(tmp_path, monkeypatch):
     """--model: the defaults of the preset the model was built from, and for a model of no preset the
     defaults of pretrained weights (LLaVA's rates, torch's threads), never the tiny preset's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_defaults(tmp_path, _threads_in_the_step(monkeypatch))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_defaults(tmp_path, seen):
     from comm_fast import COMMConfig, COMMForCausalLM
     from comm_fast.data import ByteTokenizer
 
-    torch.set_num_threads(2)
-    seen = _threads_in_the_step(monkeypatch)
     base = ["--data", "synthetic", "--synthetic-n", "8", "--batch-size", "2", "--no-progress", "--steps", "1"]
     config = COMMConfig.preset("tiny")
     config.text["num_hidden_layers"] = 2  # a shape of no preset
@@ -89,8 +96,11 @@ def test_defaults_come_from_the_loaded_model(tmp_path, monkeypatch, capsys):
     assert seen == [2, 1]
     assert torch.get_num_threads() == 2  # restored after the run
 
-    assert train(tmp_path / "c", "--model", str(tmp_path / "tiny"), "--preset", "1b", base=base) == 2
-    assert "--preset: a model loaded with --model keeps its own shape" in capsys.readouterr().err
+    # an explicit --preset names the defaults to take (the model keeps its shape)
+    assert train(tmp_path / "c", "--model", str(tmp_path / "tiny"), "--preset", "1b", base=base) == 0
+    assert trainer_state(tmp_path / "c", 1)["fingerprint"]["lr"] == 2e-5
+    assert trainer_state(tmp_path / "c", 1)["fingerprint"]["model"]["text"]["hidden_size"] == 128
+    assert seen == [2, 1, 2]
 
 
 def test_a_failure_mid_run_exits_1_with_its_traceback_and_leaves_only_whole_files(tmp_path, monkeypatch, capsys):
@@ -116,13 +126,14 @@ def test_a_failure_mid_run_exits_1_with_its_traceback_and_leaves_only_whole_file
     assert [m["step"] for m in metrics(out)] == [1]
 
 
-def test_a_failure_while_checkpointing_leaves_no_temporary_directory(tmp_path, monkeypatch):
+def test_a_failure_while_checkpointing_leaves_no_temporary_directory(tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr("comm_fast._io.save_safetensors", broken)
     out = tmp_path / "run"
     assert train(out, "--steps", "1") == 1
+    assert "writing checkpoint-1 failed (OSError: disk full); no checkpoint was written" in capsys.readouterr().err
     assert not [n for n in os.listdir(out) if "checkpoint" in n]
 
 

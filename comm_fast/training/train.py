@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from comm_fast.presets import PRESETS
 
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="model shape and tokenizer (random init; default tiny), or the vision options used with "
-                        "--llm/--clip/--dino; not with --model, which keeps its own")
+                   help="model shape and tokenizer (random init; default tiny), the vision options used with "
+                        "--llm/--clip/--dino, and the defaults that go with it (with --model: only the defaults; "
+                        "default: the preset the model's shape matches)")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' (generated into DIR/data-synthetic), a LLaVA JSON file or a directory "
                         "with <stage>.json")
@@ -118,17 +119,15 @@ class Dist:
 
 # -- building ---------------------------------------------------------------------------------------
 def build_model(args):
-    """(model, preset or None): random init of a preset, --model, or --llm/--clip/--dino. The preset is
-    the one the model's shape comes from (for --model: the preset it matches, if any), for its defaults."""
+    """(model, preset or None): random init of a preset, --model, or --llm/--clip/--dino. The preset gives
+    the defaults (learning rates, threads): the one the model's shape comes from; for --model the one
+    named by --preset, else the preset its shape matches, if any (the model keeps its own shape)."""
     from comm_fast import presets
     from comm_fast.mllm import COMMForCausalLM
 
     if args.model:
-        if args.preset:
-            raise UsageError("--preset: a model loaded with --model keeps its own shape and tokenizer; "
-                             "leave --preset out")
         model = COMMForCausalLM.from_pretrained(args.model)
-        return model, presets.match(model.config)
+        return model, presets.get(args.preset) if args.preset else presets.match(model.config)
     preset = presets.get(args.preset or "tiny")
     if any((args.llm, args.clip, args.dino)):
         if not all((args.llm, args.clip, args.dino)):
@@ -453,8 +452,10 @@ def _loop(args, dist, model, engine, train_step, order, trainable, prints, start
     losses = []
     metrics_file = open(metrics_path, "a", encoding="utf-8") if dist.rank == 0 else None
     step = start
+    doing = ""
     try:
         while step < args.steps:
+            doing = f"step {step + 1} of {args.steps}"
             t0 = time.perf_counter()
             r = train_step(order.take(train_step.global_batch))
             step += 1
@@ -468,16 +469,17 @@ def _loop(args, dist, model, engine, train_step, order, trainable, prints, start
             bar.update(1)
             bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{r['tokens'] / dt:,.0f}")
             if step % args.save_every == 0 or step == args.steps:
+                doing = f"writing checkpoint-{step}"
                 checkpoint.save(out, step, engine, train_step.optimizer, train_step.scheduler, trainable,
                                 {"data_position": order.position, "fingerprint": prints}, dist.rank, dist.barrier,
                                 dist.world)
+        doing = "saving the model"
         _save_model(out, model, engine, dist)
     except Exception as exc:
         done = checkpoint.latest_complete(out)
-        what = "saving the model" if step == args.steps else f"step {step + 1} of {args.steps}"
         where = (f"the last complete checkpoint is {done[0]} (continue with --resume)" if done
                  else "no checkpoint was written")
-        raise StepFailed(f"{what} failed ({type(exc).__name__}: {exc}); {where}") from exc
+        raise StepFailed(f"{doing} failed ({type(exc).__name__}: {exc}); {where}") from exc
     finally:
         bar.close()
         if metrics_file:
