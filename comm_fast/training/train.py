@@ -8,7 +8,8 @@
 One optimizer step consumes a global batch of batch_size x grad_accum x world_size samples, taken in
 order from a seeded per-epoch permutation; rank r takes its own contiguous slice. Every token loss is
 divided by the global batch's number of target tokens, so the result does not depend on how the batch
-is split over micro-batches, ranks, or packed rows.
+is split over micro-batches, ranks, or packed rows. A resumed run continues the interrupted one exactly:
+weights, optimizer, schedule, data position and every rank's RNG streams (dropout) come from the checkpoint.
 """
 from __future__ import annotations
 
@@ -371,7 +372,7 @@ def train(args) -> dict:
             args.pack_length = pack_length
         args.tune_llm = args.stage == "finetune" if args.tune_llm is None else args.tune_llm
         if args.lr is None:
-            args.lr = (preset.lr if preset and not args.llm else PRETRAINED_LR)[STAGES.index(args.stage)]
+            args.lr = (preset.lr if preset else PRETRAINED_LR)[STAGES.index(args.stage)]
         try:
             if args.data == "synthetic":
                 data_dir = os.path.join(out, "data-synthetic")
