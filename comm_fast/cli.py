@@ -1,10 +1,15 @@
 """The ``comm-fast`` command. Each subcommand lives in its own module, imported only when used;
-a module provides ``add_arguments(parser)`` and ``run(args) -> int``."""
+a module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Exit status: 0 done, 2 bad input (one line naming the argument; nothing written), 1 a failure while
+running (what failed, with its traceback).
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 
 COMMANDS = {
     "bench": ("comm_fast.bench", "microbenchmarks: fused vs eager reference vs torch.compile"),
@@ -14,6 +19,37 @@ COMMANDS = {
     "generate": ("comm_fast.generate", "answer a prompt about an image"),
     "info": ("comm_fast._info", "which backend each op uses here, and why"),
 }
+
+
+# -- argument types: argparse reports "argument --NAME: <message>" and exits with status 2 -----------
+def _number(kind, text: str, what: str, ok):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, "a positive integer", lambda v: v > 0)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, "a non-negative integer", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, "a positive number", lambda v: v > 0 and v != float("inf"))
+
+
+def non_negative_float(text: str) -> float:
+    return _number(float, text, "a non-negative number", lambda v: 0 <= v < float("inf"))
+
+
+def fraction(text: str) -> float:
+    return _number(float, text, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def main(argv=None) -> int:
@@ -28,7 +64,13 @@ def main(argv=None) -> int:
     module = importlib.import_module(COMMANDS[argv[0]][0])
     cmd = argparse.ArgumentParser(prog=f"comm-fast {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(cmd)
-    return int(module.run(cmd.parse_args(argv[1:])) or 0)
+    args = cmd.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except Exception as exc:  # a failure while running: what failed, and where
+        traceback.print_exc()
+        print(f"comm-fast {argv[0]}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

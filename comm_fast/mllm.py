@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from comm_fast.config import COMMVisionConfig
 from comm_fast.data.conversation import IGNORE_INDEX, encode_prompt
-from comm_fast.models import ViTConfig
 
 CONFIG_TYPE = "comm_causal_lm"
 WEIGHTS_NAME = "model.safetensors"
@@ -127,65 +126,10 @@ class COMMConfig:
 
     @classmethod
     def preset(cls, name: str, **vision_overrides) -> "COMMConfig":
-        if name not in PRESETS:
-            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
-        return PRESETS[name](**vision_overrides)
+        """The config of a preset (comm_fast.presets, where each preset's tokenizer is too)."""
+        from comm_fast.presets import get
 
-
-# -- presets --------------------------------------------------------------------------------------
-def _clip(hidden, layers, heads, mlp, image_size):
-    return ViTConfig(family="clip", hidden_size=hidden, num_layers=layers, num_heads=heads, mlp_hidden=mlp,
-                     patch_size=14, image_size=image_size, layer_norm_eps=1e-5, activation="quick_gelu",
-                     pre_norm=True, patch_bias=False).to_dict()
-
-
-def _dino(hidden, layers, heads, mlp, image_size):
-    return ViTConfig(family="dinov2", hidden_size=hidden, num_layers=layers, num_heads=heads, mlp_hidden=mlp,
-                     patch_size=14, image_size=image_size, layer_norm_eps=1e-6, activation="gelu",
-                     layerscale=True).to_dict()
-
-
-def _llama(vocab, hidden, layers, heads, kv_heads, inter, max_pos, **kw):
-    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, intermediate_size=inter, max_position_embeddings=max_pos,
-                rms_norm_eps=1e-5 if "rms_norm_eps" not in kw else kw.pop("rms_norm_eps"),
-                tie_word_embeddings=False, bos_token_id=kw.pop("bos", 1), eos_token_id=kw.pop("eos", 2),
-                pad_token_id=kw.pop("pad", 0), **kw)
-
-
-def _tiny(**overrides):
-    # byte tokenizer (261 ids), 56 px images -> 4x4 = 16 visual tokens; a training step in ~0.1-0.3 s
-    from comm_fast.data.tokenizer import ByteTokenizer
-
-    tok = ByteTokenizer()
-    vision = COMMVisionConfig(clip=_clip(64, 3, 4, 128, 56), dino=_dino(64, 3, 4, 128, 56),
-                              clip_layers=(1, 2, 3), dino_layers=(2, 3), mlp_ratio=2, out_dim=128,
-                              clip_image_size=56, dino_image_size=56, **overrides)
-    text = _llama(tok.vocab_size, 128, 4, 4, 4, 344, 1024, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
-    return COMMConfig(vision, text, tok.image_token_id, max_length=512)
-
-
-def _1b(**overrides):
-    # GPU profiling: CLIP ViT-L/14-336 + DINOv2 ViT-L/14 at 336 (576 tokens) + a ~1.1B LLaMA (TinyLlama shape)
-    # (random weights; the byte tokenizer's special ids, so it trains with no tokenizer files)
-    from comm_fast.data.tokenizer import ByteTokenizer
-
-    tok = ByteTokenizer()
-    vision = COMMVisionConfig(clip=_clip(1024, 24, 16, 4096, 336), dino=_dino(1024, 24, 16, 4096, 518),
-                              out_dim=2048, **overrides)
-    text = _llama(32000, 2048, 22, 32, 4, 5632, 2048, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
-    return COMMConfig(vision, text, tok.image_token_id, max_length=2048)
-
-
-def _comm_7b(**overrides):
-    # the paper's model: Vicuna-7B, CLIP ViT-L/14-336 (layers 1-24), DINOv2 ViT-L/14 (layers 19-24) at 336
-    vision = COMMVisionConfig(clip=_clip(1024, 24, 16, 4096, 336), dino=_dino(1024, 24, 16, 4096, 518),
-                              out_dim=4096, **overrides)
-    text = _llama(32000, 4096, 32, 32, 32, 11008, 4096, rms_norm_eps=1e-6)
-    return COMMConfig(vision, text, 32000, max_length=2048)
-
-
-PRESETS = {"tiny": _tiny, "1b": _1b, "comm-7b": _comm_7b}
+        return get(name).config(**vision_overrides)
 
 
 @dataclasses.dataclass

@@ -3,12 +3,15 @@
     comm-fast profile-train [--preset tiny|1b|comm-7b] [--steps N] [--batch-size B] [--stage S]
                             [--baseline] [--trace FILE.json] [--json FILE]
 
-A model of the preset (random init) trains on a synthetic set generated into a temporary directory,
-exactly as ``comm-fast train`` does it (same collate, preprocessing, AdamW, grad clipping, bf16
-autocast on GPU). Variants run side by side in one process, interleaved step by step on the same
-batches: ours with packed rows, ours with padded batches, and with ``--baseline`` ours packed with
-the visual branch swapped for ``COMMReference.from_tower`` (transformers' CLIPVisionModel /
-Dinov2Model with ``output_hidden_states=True`` and per-layer nn.LayerNorm / nn.Linear, same weights).
+A model of the preset (random init, with the preset's tokenizer) trains on a synthetic set generated
+into a temporary directory, with ``comm-fast train``'s own step (``training.train.TrainStep``: collate,
+preprocessing, bf16 autocast on GPU, backward of the global token mean, grad clipping, AdamW with its
+weight-decay groups and schedule), which the profiler only instruments (marks at the step's phase
+boundaries, forward hooks on the visual branch). Each variant has an optimizer of its own. Variants
+run side by side in one process, interleaved step by step on the same batches: ours with packed rows,
+ours with padded batches, and with ``--baseline`` ours packed with the visual branch swapped for
+``COMMReference.from_tower`` (transformers' CLIPVisionModel / Dinov2Model with
+``output_hidden_states=True`` and per-layer nn.LayerNorm / nn.Linear, same weights).
 
 Reported per variant: step time (median of the measured steps, after warm-up), tokens/s and
 images/s (real tokens: image and text tokens, no padding), peak memory of one step, model FLOPs
@@ -48,7 +51,6 @@ PHASE_NAMES = {"preprocess": "preprocessing (collate, decode, joint_preprocess)"
                "llm_fwd": "LLM forward (+ loss)", "llm_bwd": "LLM backward",
                "heads_bwd": "merge/MLP/projector backward",
                "optimizer": "optimizer (clip, AdamW, zero_grad)", "other": "other"}
-DEFAULT_BATCH = {"tiny": 8, "1b": 8, "comm-7b": 4}
 FLOPS_METHOD = (
     "model FLOPs per step, counted from the batch's real tokens (padding never counts, so packed and padded "
     "batches do the same model FLOPs): LLM 6*P*T for its trained weights (4*P*T when frozen in pretrain: "
@@ -61,20 +63,24 @@ FLOPS_METHOD = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=["tiny", "1b", "comm-7b"], help="model shape (random init)")
-    p.add_argument("--steps", type=int, default=5, help="measured steps per variant (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant, not measured")
-    p.add_argument("--batch-size", type=int, help="samples per step (default: 8; 4 for comm-7b)")
+    from comm_fast.cli import non_negative_int, positive_int
+    from comm_fast.presets import PRESETS
+
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape and tokenizer (random init)")
+    p.add_argument("--steps", type=positive_int, default=5, help="measured steps per variant (after --warmup)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="warm-up steps per variant, not measured")
+    p.add_argument("--batch-size", type=positive_int, help="samples per step (default: the preset's, 8; 4 for comm-7b)")
     p.add_argument("--stage", default="finetune", choices=["pretrain", "finetune"])
     p.add_argument("--baseline", action="store_true",
                    help="also run the naive transformers composition of the visual branch and report the ratio")
     p.add_argument("--no-padded", action="store_true", help="skip the padded-batch variant")
     p.add_argument("--trace", help="write the profiled steps' Chrome trace (JSON) here")
-    p.add_argument("--profile-steps", type=int, default=1, help="steps of ours (packed) run under torch.profiler")
+    p.add_argument("--profile-steps", type=positive_int, default=1,
+                   help="steps of ours (packed) run under torch.profiler")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the LLM blocks")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: 1 for tiny on CPU, as comm-fast train; else torch's)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads (default: the preset's on CPU, as comm-fast train; else torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
@@ -220,11 +226,22 @@ def flop_counter(model, tune_llm: bool):
 
 # -- the run ----------------------------------------------------------------------------------------
 class Variant:
-    def __init__(self, name: str, label: str, pack: bool, vision, probe: Probe, params):
+    """One way of running the step (packed or padded, our visual branch or the baseline's), with its own
+    optimizer and schedule over its trainable weights and its own ``TrainStep``."""
+
+    def __init__(self, name: str, label: str, pack: bool, vision, probe: Probe, train_step):
         self.name, self.label, self.pack, self.vision = name, label, pack, vision
-        self.probe, self.params = probe, params
+        self.probe, self.train_step = probe, train_step
         self.records: list[dict] = []
         self.peak_mem_mb = None
+
+    @property
+    def params(self):
+        return self.train_step.params
+
+    @property
+    def optimizer(self):
+        return self.train_step.optimizer
 
 
 def _sync(device):
@@ -233,40 +250,45 @@ def _sync(device):
 
 
 class Session:
-    """A preset's model, a synthetic set in a temporary directory, fixed batches, the variants and one
-    optimizer over all their trainable weights; ``step(variant, batch_index)`` runs one training step
-    as ``comm-fast train`` does and returns its timings. ``close()`` removes the temporary directory."""
+    """A preset's model, a synthetic set in a temporary directory, fixed batches and the variants, each
+    with a fresh optimizer; ``step(variant, batch_index)`` runs ``comm-fast train``'s own step
+    (``TrainStep``) with the profiler's marks and returns its timings. ``close()`` removes the temporary
+    directory. ``steps``: the schedule's length (default: the number of batches)."""
 
     def __init__(self, preset: str = "tiny", stage: str = "finetune", batch_size: int | None = None,
                  num_batches: int = 4, baseline: bool = False, padded: bool = True, device=None, seed: int = 0,
-                 grad_checkpointing: bool = False, log=None):
+                 grad_checkpointing: bool = False, log=None, steps: int | None = None):
+        from comm_fast import presets
         from comm_fast.data.dataset import ConversationDataset, DataOrder, resolve_data
         from comm_fast.data.synthetic import make_synthetic
-        from comm_fast.data.tokenizer import ByteTokenizer
-        from comm_fast.mllm import VARLEN_SDPA, COMMConfig, COMMForCausalLM
+        from comm_fast.mllm import COMMForCausalLM
         from comm_fast.reference import COMMReference
-        from comm_fast.training.train import DEFAULT_LR, STAGES, configure_stage
+        from comm_fast.training import train
 
         log = log or (lambda msg: None)
         self.device = device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size = batch_size = batch_size or DEFAULT_BATCH[preset]
+        spec = presets.get(preset)
+        self.batch_size = batch_size = batch_size or spec.profile_batch
         if batch_size < 1:
             raise ValueError(f"--batch-size: expected a positive integer, got {batch_size}")
-        self.use_autocast = device.type == "cuda"  # bf16 autocast on GPU, fp32 on CPU, as comm-fast train
-        torch.manual_seed(seed)
-        self.config = config = COMMConfig.preset(preset)
+        train.seed_all(seed)  # as comm-fast train: the same initial weights
+        self.config = config = spec.config()
+        tokenizer = spec.tokenizer()
+        presets.check_tokenizer(config, tokenizer)
         log(f"building {preset} on {device}")
         with torch.device(device):
-            model = COMMForCausalLM(config, ByteTokenizer())
+            model = COMMForCausalLM(config, tokenizer)
         self.model = model = model.to(device)
         if grad_checkpointing:
             model.enable_activation_checkpointing()
-        trainable = configure_stage(model, stage, None)
+        trainable = train.configure_stage(model, stage, None)
         self.tune_llm = any(n.startswith("llm.") for n in trainable)
         model.train()
-        varlen = model.llm.config._attn_implementation in ("flash_attention_2", VARLEN_SDPA)
-        self.capacity = None if varlen else 2 * config.max_length  # as comm-fast train
+        _, capacity = train.packing_defaults(model, config.max_length)  # as comm-fast train
         self.count_flops = flop_counter(model, self.tune_llm)
+        train.seed_all(train.training_seed(seed, 0))
+        lr = spec.lr[train.STAGES.index(stage)]
+        steps = steps or num_batches
 
         self.tmp = tempfile.mkdtemp(prefix="comm-fast-profile-")
         try:
@@ -278,26 +300,32 @@ class Session:
             self.batches = [order.take(batch_size) for _ in range(num_batches)]
             self.lengths = [len(s.input_ids) for s in self.dataset.samples]
 
+            def make_step(params, pack):
+                optimizer, scheduler = train.make_optimizer(params, lr, train.DEFAULTS["weight_decay"],
+                                                            train.DEFAULTS["warmup_ratio"], steps)
+                return train.TrainStep(model, model, optimizer, scheduler, self.dataset, device, params, pack=pack,
+                                       pack_length=capacity, max_grad_norm=train.DEFAULTS["max_grad_norm"],
+                                       micro_batch=batch_size)
+
             self.clock = clock = Clock(device)
             self.ours_vision = model.vision
             self.ours_params = [p for p in model.parameters() if p.requires_grad]
             encoders = {"clip": model.vision.clip, "dino": model.vision.dino}
             self.variants = [Variant("ours_packed", "ours packed", True, model.vision,
-                                     Probe(clock, model.vision, encoders), self.ours_params)]
+                                     Probe(clock, model.vision, encoders), make_step(self.ours_params, True))]
             if padded:
                 self.variants.append(Variant("ours_padded", "ours padded", False, model.vision,
-                                             self.variants[0].probe, self.ours_params))
+                                             self.variants[0].probe, make_step(self.ours_params, False)))
             if baseline:
                 log("building the baseline visual branch (COMMReference.from_tower)")
                 ref = COMMReference.from_tower(model.vision).to(device)
                 base = BaselineVision(ref, model.num_image_tokens).train()
-                llm_params = [p for p in model.llm.parameters() if p.requires_grad]
+                params = ([p for p in model.llm.parameters() if p.requires_grad]
+                          + [p for p in base.parameters() if p.requires_grad])
                 self.variants.append(Variant("baseline_packed", "baseline packed", True, base,
                                              Probe(clock, base, {"clip": ref.clip_model, "dino": ref.dino_model}),
-                                             llm_params + [p for p in base.parameters() if p.requires_grad]))
-            params = list({id(p): p for v in self.variants for p in v.params}.values())
-            lr = DEFAULT_LR[preset][STAGES.index(stage)]
-            self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # a weight with no grad is skipped
+                                             make_step(params, True)))
+            self.use_autocast = self.variants[0].train_step.autocast
         except BaseException:
             self.close()
             raise
@@ -306,11 +334,8 @@ class Session:
         return next(v for v in self.variants if v.name == name)
 
     def step(self, variant: Variant, k: int) -> dict:
-        """One training step of ``variant`` on batch ``k``: collate, preprocess, forward, backward, AdamW."""
-        from comm_fast.data.dataset import collate
-        from comm_fast.training.train import preprocess
-
-        model, device, clock, dataset = self.model, self.device, self.clock, self.dataset
+        """One training step of ``variant`` on batch ``k``, timed and split at the step's marks."""
+        model, device, clock = self.model, self.device, self.clock
         idx = self.batches[k]
         model.vision = variant.vision
         try:
@@ -318,38 +343,20 @@ class Session:
             _sync(device)
             t0 = time.perf_counter()
             clock.mark("start")
-            with torch.profiler.record_function("comm_fast::preprocess"):
-                batch = collate([dataset[i] for i in idx], model.tokenizer.pad_id, variant.pack, self.capacity)
-                pixels = preprocess(batch["image_paths"], self.config.vision)
-                pixels = tuple(x.to(device, non_blocking=True) for x in pixels)
-                inputs = {key: batch[key].to(device, non_blocking=True) for key in
-                          ("input_ids", "labels", "attention_mask", "position_ids") if key in batch}
-            clock.mark("data")
-            targets = dataset.num_label_tokens(idx)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_autocast):
-                result = model(**inputs, pixel_values=pixels, return_logits=False)
-            clock.mark("forward_end")
-            with torch.profiler.record_function("comm_fast::backward"):
-                (result.loss_sum / max(targets, 1)).backward()
-            clock.mark("backward_end")
-            with torch.profiler.record_function("comm_fast::optimizer"):
-                torch.nn.utils.clip_grad_norm_(variant.params, 1.0)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            clock.mark("optimizer_end")
-            loss = result.loss_sum.item() / max(targets, 1)
+            r = variant.train_step(idx, mark=clock.mark)
             _sync(device)
             total = (time.perf_counter() - t0) * 1e3
         finally:
             model.vision = self.ours_vision
-        return {"ms": total, "loss": loss, "tokens": batch["num_tokens"], "images": batch["num_images"],
-                "computed_tokens": int(batch["input_ids"].numel()),
-                "flops": self.count_flops([self.lengths[i] for i in idx], targets, batch["num_images"]),
+        return {"ms": total, "loss": r["loss"], "tokens": r["tokens"], "images": r["images"],
+                "computed_tokens": r["computed_tokens"],
+                "flops": self.count_flops([self.lengths[i] for i in idx], r["targets"], r["images"]),
                 "split": split_step(clock.times_ms(), total)}
 
     def resident_mb(self) -> float:
-        """Weights and optimizer state."""
-        state = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        """Weights and every variant's optimizer state."""
+        state = [t for v in self.variants for s in v.optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *state)) / 2**20
 
     def close(self) -> None:
@@ -359,16 +366,18 @@ class Session:
 def profile(args) -> dict:
     from comm_fast import _backend, bench
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads is None and args.preset == "tiny" and device.type == "cpu":
-        args.threads = 1
+    from comm_fast.presets import get
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda asked for, but no CUDA device is available here")
+    if args.threads is None and device.type == "cpu":
+        args.threads = get(args.preset).cpu_threads
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("steps", "profile_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup: expected a non-negative integer, got {args.warmup}")
     log = lambda msg: print(f"[profile-train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
     # the machine's ceiling, measured first, in the dtype the matmuls run in
@@ -392,7 +401,7 @@ def profile(args) -> dict:
                 except Exception as exc:
                     if v is variants[0]:
                         raise
-                    session.optimizer.zero_grad(set_to_none=True)  # no grads of it reach ours' next step
+                    v.optimizer.zero_grad(set_to_none=True)  # no grads of it reach ours' next step
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     failed[v.name] = {"label": v.label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}

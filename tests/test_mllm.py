@@ -270,6 +270,22 @@ def test_presets():
         COMMConfig.preset("huge")
 
 
+@pytest.mark.parametrize("layout", ["bytes", "llama"])
+def test_byte_tokenizer_layouts_round_trip(layout, tmp_path):
+    from comm_fast.data.tokenizer import load_tokenizer
+
+    tok = ByteTokenizer(layout)
+    text = "Où est le cercle rouge? [0.125,0.5,0.75,1.000]"
+    ids = tok.encode(text)
+    assert tok.decode(ids + [tok.eos_id, tok.pad_id, tok.image_token_id]) == text
+    specials = {tok.pad_id, tok.bos_id, tok.eos_id, tok.image_token_id}
+    assert len(specials) == 4 and not specials & set(range(tok.byte_offset, tok.byte_offset + 256))
+    assert max(ids) < tok.vocab_size
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert (again.layout, again.encode(text), again.image_token_id) == (layout, ids, tok.image_token_id)
+
+
 def test_stages_freeze_what_the_paper_freezes(model):
     from comm_fast.training.train import configure_stage
 

@@ -253,11 +253,13 @@ def make_synthetic(out: str, n: int, seed: int = 0, size: int = 128) -> str:
 
 # -- CLI: comm-fast make-data synthetic --n N --out DIR ----------------------------------------------
 def add_arguments(parser) -> None:
+    from comm_fast.cli import positive_int
+
     parser.add_argument("kind", choices=["synthetic"], help="which set to write")
-    parser.add_argument("--n", type=int, default=2000, help="number of images")
+    parser.add_argument("--n", type=positive_int, default=2000, help="number of images")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--size", type=positive_int, default=128, help="image side in pixels")
 
 
 def run(args) -> int:

@@ -1,7 +1,7 @@
 """Tokenizers that work with no network.
 
-The tiny and synthetic setups use ``ByteTokenizer``: UTF-8 bytes are tokens 0..255, then a few
-special tokens. It needs no training and no files, so a model trained on any text round-trips,
+The presets use ``ByteTokenizer``: UTF-8 bytes are tokens (0..255, or LLaMA's byte-fallback ids),
+then a few special tokens. It needs no training and no files, so a model trained on any text round-trips,
 and it is saved next to the model as ``tokenizer.json``. Real checkpoints (Vicuna, LLaVA) bring
 their own Hugging Face tokenizer, wrapped by ``HFTokenizer`` and loaded from the local directory.
 Either way ``<image>`` is never a text token: the conversation code splits on it and inserts
@@ -16,22 +16,38 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class ByteTokenizer:
-    kind = "bytes"
-    SPECIALS = ("<pad>", "<s>", "</s>", "<image>")
+    """UTF-8 bytes as tokens plus the special ids of a layout:
 
-    def __init__(self):
-        self.pad_id, self.bos_id, self.eos_id, self.image_token_id = 256, 257, 258, 259
-        self.vocab_size = 256 + len(self.SPECIALS)
+    - ``"bytes"``: bytes 0..255, then ``<pad>`` 256, ``<s>`` 257, ``</s>`` 258, ``<image>`` 259 (260 ids);
+    - ``"llama"``: LLaMA/Vicuna's own ids, ``<unk>`` 0 (the pad, as in LLaVA), ``<s>`` 1, ``</s>`` 2, the
+      bytes at their byte-fallback ids ``<0x00>``..``<0xFF>`` = 3..258, and ``<image>`` 32000, just past the
+      32000-token vocabulary (never embedded), so a model of a LLaMA-shaped preset trains from random init
+      with the special ids a Vicuna checkpoint has.
+    """
+
+    kind = "bytes"
+    LAYOUTS = {"bytes": dict(byte_offset=0, pad_id=256, bos_id=257, eos_id=258, image_token_id=259, vocab_size=260),
+               "llama": dict(byte_offset=3, pad_id=0, bos_id=1, eos_id=2, image_token_id=32000, vocab_size=32000)}
+
+    def __init__(self, layout: str = "bytes"):
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"layout: expected one of {sorted(self.LAYOUTS)}, got {layout!r}")
+        self.layout = layout
+        ids = self.LAYOUTS[layout]
+        self.byte_offset = ids["byte_offset"]
+        self.pad_id, self.bos_id, self.eos_id = ids["pad_id"], ids["bos_id"], ids["eos_id"]
+        self.image_token_id, self.vocab_size = ids["image_token_id"], ids["vocab_size"]
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return [b + self.byte_offset for b in text.encode("utf-8")]
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+        lo = self.byte_offset
+        return bytes(int(i) - lo for i in ids if lo <= int(i) < lo + 256).decode("utf-8", errors="replace")
 
     def save(self, directory: str) -> None:
         with open(os.path.join(directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-            json.dump({"comm_fast_tokenizer": self.kind, "vocab_size": self.vocab_size}, f)
+            json.dump({"comm_fast_tokenizer": self.kind, "layout": self.layout, "vocab_size": self.vocab_size}, f)
 
 
 class HFTokenizer:
@@ -67,7 +83,7 @@ def load_tokenizer(directory, image_token_id: int | None = None):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: corrupt tokenizer file ({exc})") from None
         if isinstance(data, dict) and data.get("comm_fast_tokenizer") == "bytes":
-            return ByteTokenizer()
+            return ByteTokenizer(data.get("layout", "bytes"))
     hf_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     if not any(os.path.isfile(os.path.join(directory, f)) for f in hf_files):
         return None

@@ -1,9 +1,11 @@
 """Training checkpoints: DIR/checkpoint-STEP, complete or absent.
 
 A checkpoint holds the trainable weights (safetensors), the optimizer and scheduler states, each
-rank's RNG states and trainer_state.json (step, data position, the run's fingerprint). It is written
-into DIR/.tmp-checkpoint-STEP and renamed into place once every file is there, so a directory named
-checkpoint-STEP is always complete; one cut off mid-write is a .tmp- directory and is never loaded.
+rank's RNG states (Python, NumPy, torch CPU and CUDA: dropout continues as it would have) and
+trainer_state.json (step, data position, world size, the run's fingerprint). It is written into
+DIR/.tmp-checkpoint-STEP and renamed into place once every file is there, so a directory named
+checkpoint-STEP is complete; one cut off mid-write is a .tmp- directory and is never loaded, and one
+that lacks any file (an RNG file of any rank included) is not complete.
 
 State dicts go through torch.distributed.checkpoint's get/set_state_dict with full (unsharded)
 tensors, so one format serves a single process, DDP and FSDP2.
@@ -30,6 +32,10 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, cpu_offload=torch.distributed.is_initialized(), **kw)
 
 
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
 def read_state(path: str) -> dict | None:
     """trainer_state.json of a checkpoint directory, or None when it is not complete."""
     if not all(os.path.isfile(os.path.join(path, f)) for f in FILES):
@@ -39,7 +45,11 @@ def read_state(path: str) -> dict | None:
             state = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-    return state if isinstance(state, dict) and "step" in state else None
+    if not isinstance(state, dict) or "step" not in state or not isinstance(state.get("world_size"), int):
+        return None
+    if not all(os.path.isfile(os.path.join(path, rng_file(r))) for r in range(state["world_size"])):
+        return None
+    return state
 
 
 def list_checkpoints(out: str) -> list[tuple[int, str]]:
@@ -74,7 +84,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(out: str, step: int, model, optimizer, scheduler, trainable: set[str], state: dict,
-         rank: int = 0, barrier=lambda: None) -> str:
+         rank: int = 0, barrier=lambda: None, world: int = 1) -> str:
     """Write DIR/checkpoint-STEP atomically; every rank calls this (state dicts gather collectively)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -87,19 +97,24 @@ def save(out: str, step: int, model, optimizer, scheduler, trainable: set[str], 
         shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt cut off mid-write
         os.makedirs(tmp)
     barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    if rank == 0:
-        save_safetensors({k: v for k, v in model_sd.items() if k in trainable},
-                         os.path.join(tmp, "trainable.safetensors"))
-        torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump({**state, "step": step}, f, indent=2)  # last file: its presence marks completeness
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+    try:
+        torch.save(rng_state(), os.path.join(tmp, rng_file(rank)))
+        if rank == 0:
+            save_safetensors({k: v for k, v in model_sd.items() if k in trainable},
+                             os.path.join(tmp, "trainable.safetensors"))
+            torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        barrier()
+        if rank == 0:
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump({**state, "step": step, "world_size": world}, f, indent=2)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
     barrier()
     return final
 
@@ -117,6 +132,4 @@ def load(path: str, model, optimizer, scheduler, trainable: set[str], rank: int 
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd,
                    options=_options(strict=False))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-    rng_file = os.path.join(path, f"rng-rank{rank}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(torch.load(os.path.join(path, rng_file(rank)), weights_only=False))
