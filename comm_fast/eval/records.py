@@ -29,9 +29,9 @@ def read_records(path: str) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: annotation file not found") from None
+        raise FileNotFoundError(f"{path}: file not found") from None
     except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the annotation file ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
