@@ -184,7 +184,7 @@ def _on_every_rank(fn):
         return [fn()]
     try:
         result = ("ok", fn())
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except Exception as exc:  # any failure: the other ranks must not wait for this one forever
         result = ("error", f"{type(exc).__name__}: {exc}")
     parts = gather(result)
     errors = [f"rank {r}: {msg}" for r, (kind, msg) in enumerate(parts) if kind == "error"]
@@ -251,8 +251,8 @@ def evaluate(model, task: str, data, image_folder: str | None = None, batch_size
         model = load_model(model_dir, device)
     aspect = getattr(model.config.vision, "aspect", "crop")
     if task == "rec" and aspect != "pad" and any(w != h for w, h in sizes.values()):
-        warnings.warn(f"the model's images are {aspect!r}ped to a square, not padded: its boxes of non-square images "
-                      "do not refer to the padded square the targets are normalised to", stacklevel=2)
+        warnings.warn(f"the model's images are made square with aspect={aspect!r}, not 'pad': its boxes of non-square "
+                      "images do not refer to the padded square the targets are normalised to", stacklevel=2)
     yes_no = yes_no_ids(model.tokenizer) if task == "pope" and pope_rule == "prismatic" else None
     rank, world = rank_world()
     mine = shard(items, rank, world)

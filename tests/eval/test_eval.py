@@ -2,12 +2,14 @@
 one-at-a-time answers, the files written, rescoring them, and two gloo ranks."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
 
 from comm_fast import COMMForCausalLM
 from comm_fast.cli import main
+from comm_fast.eval import evaluate
 from comm_fast.eval.run import PREDICTIONS, answer, load_items, yes_no_ids
 
 
@@ -37,10 +39,14 @@ def test_cli_writes_predictions_and_metrics_and_rescores_them(model_dir, images,
              "id": f"r{k}"} for k, (name, (w, h)) in enumerate(sorted(sizes.items()))]
     data = jsonl(tmp_path / "rec_val.jsonl", recs)
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="not padded"):  # the tiny preset crops; two images are not square
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         rc = main(["eval", "--model", model_dir, "--task", "rec", "--data", data, "--image-folder", folder,
                    "--batch-size", "2", "--out", str(out), "--max-new-tokens", "4", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
+    # two images are not square: a model that does not pad them is warned about
+    aspect = json.load(open(os.path.join(model_dir, "config.json")))["vision"].get("aspect", "crop")
+    assert any("not 'pad'" in str(w.message) for w in caught) == (aspect != "pad"), [str(w.message) for w in caught]
     rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["id"] for r in rows] == ["r0", "r1", "r2"]  # the annotation order
@@ -88,3 +94,21 @@ def test_two_gloo_ranks_shard_and_gather(model_dir, images, pope_file, tmp_path)
     assert [r["id"] for r in rows] == [q["question_id"] for q in records]  # the file's order
     assert all(r["prompt"].startswith(q["text"]) and r["target"] == q["label"] for r, q in zip(rows, records))
     assert "wrote" in logs[0] and "wrote" not in logs[1]  # rank 0 reports and writes
+
+
+@pytest.mark.gpu
+def test_on_cuda(model_dir, images, pope_file, tmp_path):
+    """On a GPU: the saved model loads there in bf16 and answers every item; in fp32 a batch gives each
+    prompt the first-token probabilities it gets alone (to 1e-3: Triton's fp32 dots may use TF32)."""
+    folder, _ = images
+    metrics = evaluate(model_dir, "pope", pope_file, folder, batch_size=4, out=str(tmp_path / "out"),
+                       max_new_tokens=4, pope_rule="prismatic", progress=False)
+    assert metrics["num_items"] == 6 and metrics["overall"]["n"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "out" / PREDICTIONS).read_text().splitlines()]
+    assert all(0.0 <= r["p_yes"] <= 1.0 for r in rows)
+    model = COMMForCausalLM.from_pretrained(model_dir).to("cuda").eval()
+    items = load_items("pope", pope_file, folder)[0]
+    yes_no = yes_no_ids(model.tokenizer)
+    batched, _ = answer(model, items, batch_size=4, max_new_tokens=2, yes_no=yes_no, progress=False)
+    single, _ = answer(model, items, batch_size=1, max_new_tokens=2, yes_no=yes_no, progress=False)
+    assert [r["p_yes"] for r in batched] == pytest.approx([r["p_yes"] for r in single], abs=1e-3)

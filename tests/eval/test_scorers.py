@@ -195,6 +195,19 @@ def test_shards_cover_every_item_once_and_unshard_restores_the_order(world):
         assert unshard(parts) == items
 
 
+def test_a_failure_on_one_rank_is_raised_on_every_rank(monkeypatch):
+    """Rank 0's view of two ranks where rank 1 failed: it raises rank 1's error instead of going on to
+    write results (or, in a real run, waiting in a collective rank 1 never reaches)."""
+    from comm_fast.eval import run
+
+    monkeypatch.setattr(run, "rank_world", lambda: (0, 2))
+    monkeypatch.setattr(run, "gather", lambda obj: [obj, ("error", "ValueError: x.png: file not found")])
+    with pytest.raises(ValueError, match="rank 1: ValueError: x.png: file not found"):
+        run._on_every_rank(lambda: ([], []))
+    monkeypatch.setattr(run, "gather", lambda obj: [obj, ("ok", ["b"])])
+    assert run._on_every_rank(lambda: ["a"]) == [["a"], ["b"]]
+
+
 # -- rescoring --------------------------------------------------------------------------------------
 def test_rescore_saved_predictions_without_a_model(tmp_path):
     rows = [{"task": "vqa", "id": 0, "split": "s", "prompt": "q", "answer": "two", "parsed": "stale", "score": 0.0,
