@@ -21,13 +21,15 @@ THRESHOLD = 0.5
 
 
 def load(records: list[dict], path: str, image_folder: str | None, prompt: str | None):
-    """(items, counts): the records' questions, and how many conversation records had no box answer."""
-    items, without_box = [], 0
+    """(items, counts): the records' questions; how many are conversation records asked in their own words
+    (the prompt template is not used for them), and how many conversation records had no box answer."""
+    items, without_box, own = [], 0, 0
     for i, rec in enumerate(records):
         at = where(path, i, rec)
         if "conversations" in rec:
             item = _conversation(rec, at, path, image_folder, i)
             without_box += item is None
+            own += item is not None
         else:
             item = _shikra(rec, at, path, image_folder, prompt or DEFAULT_PROMPT, i)
         if item is not None:
@@ -35,7 +37,7 @@ def load(records: list[dict], path: str, image_folder: str | None, prompt: str |
     if not items:
         raise ValueError(f"{path}: no record has a box to find (expected records with {SHIKRA}, or conversations "
                          "whose first answer is a box)")
-    return items, {"records_without_box": without_box}
+    return items, {"records_in_own_words": own, "records_without_box": without_box}
 
 
 def _shikra(rec, at, path, image_folder, prompt, i) -> Item:

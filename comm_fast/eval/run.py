@@ -36,12 +36,15 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
 
 
 # -- annotations and images ---------------------------------------------------------------------------
+def _paths(data) -> list[str]:
+    return [os.fspath(data)] if isinstance(data, (str, os.PathLike)) else [os.fspath(d) for d in data]
+
+
 def load_items(task: str, data, image_folder: str | None = None, prompt: str | None = None):
     """(items, counts) of one or more annotation files; ids must be unique across them."""
     module = _task(task)
-    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     items, counts, seen = [], {}, {}
-    for path in map(os.fspath, paths):
+    for path in _paths(data):
         got, more = module.load(read_records(path), path, image_folder, prompt)
         for it in got:
             if it.id in seen:
@@ -237,9 +240,10 @@ def evaluate(model, task: str, data, image_folder: str | None = None, batch_size
     ``predictions.jsonl`` and ``metrics.json`` there (rank 0). Everything that can be checked before
     the model runs (arguments, annotations, images) is checked first."""
     module = _task(task)
+    max_new_tokens = module.MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     _positive("--batch-size", batch_size)
     _positive("--limit", limit, allow_none=True)
-    _positive("--max-new-tokens", max_new_tokens, allow_none=True)
+    _positive("--max-new-tokens", max_new_tokens)
     if task == "pope" and pope_rule not in pope.RULES:
         raise ValueError(f"--pope-rule: expected one of {pope.RULES}, got {pope_rule!r}")
     items, counts = load_items(task, data, image_folder, prompt)
@@ -260,17 +264,16 @@ def evaluate(model, task: str, data, image_folder: str | None = None, batch_size
     model.eval()
     try:
         parts = _on_every_rank(lambda: answer(
-            model, mine, batch_size, max_new_tokens or module.MAX_NEW_TOKENS, yes_no, skip_bad_images,
+            model, mine, batch_size, max_new_tokens, yes_no, skip_bad_images,
             progress and rank == 0, desc=f"eval {task}"))
     finally:
         model.train(was_training)
     rows = unshard([p[0] for p in parts])
     bad += [b for p in parts for b in p[1]]
-    metrics = {"task": task, "model": model_dir, "data": [os.fspath(d) for d in ([data] if isinstance(
-        data, (str, os.PathLike)) else data)], "date": _now(), "num_items": len(rows),
-        "skipped_bad_images": len(bad), "bad_images": bad[:20], **counts,
-        "prompt": prompt or module.DEFAULT_PROMPT, "max_new_tokens": max_new_tokens or module.MAX_NEW_TOKENS,
-        "batch_size": batch_size, "world_size": world, "image_aspect": aspect}
+    metrics = {"task": task, "model": model_dir, "data": _paths(data), "date": _now(), "num_items": len(rows),
+               "skipped_bad_images": len(bad), "bad_images": bad[:20], **counts,
+               "prompt": prompt or module.DEFAULT_PROMPT, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+               "world_size": world, "image_aspect": aspect}
     if task == "pope":
         metrics["rule"] = pope_rule
     metrics |= score_rows(task, rows, pope_rule)

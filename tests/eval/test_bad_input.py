@@ -22,7 +22,8 @@ def test_missing_and_corrupt_annotation_files(model_dir, tmp_path, capsys):
     rc, err = run_eval(capsys, out, "--model", model_dir, "--task", "pope", "--data", str(tmp_path / "nope.jsonl"))
     assert rc == 2 and f"{tmp_path / 'nope.jsonl'}: file not found" in err
     broken = tmp_path / "coco_pope_random.json"
-    broken.write_text('{"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "no"}\n{"question_id": 2,')
+    broken.write_text('{"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "no"}\n'
+                      '{"question_id": 2,')
     rc, err = run_eval(capsys, out, "--model", model_dir, "--task", "pope", "--data", str(broken))
     assert rc == 2 and f"{broken}: line 2: corrupt JSON Lines record" in err
     broken.write_text('[{"question_id": 1, "image": "a.png"')
@@ -34,7 +35,8 @@ def test_missing_and_corrupt_annotation_files(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("task, record, message", [
-    ("pope", {"question_id": 5, "image": "wide.png", "text": "Is there a cat?"}, "record 1 (id 5): field 'label' missing"),
+    ("pope", {"question_id": 5, "image": "wide.png", "text": "Is there a cat?"},
+     "record 1 (id 5): field 'label' missing"),
     ("pope", {"question_id": 5, "image": "wide.png", "text": "Is there a cat?", "label": "maybe"},
      "record 1 (id 5): field 'label': expected \"yes\" or \"no\", got 'maybe'"),
     ("vqa", {"question_id": 5, "image": "wide.png", "question": "What?"}, "record 1 (id 5): field 'answer' missing"),

@@ -163,7 +163,7 @@ def test_rec_loaders(tmp_path):
     caption = {"id": "c2", "image": "b.png", "conversations": [
         {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red circle."}]}
     items, counts = rec.load([conv, caption], str(tmp_path / "val.json"), None, None)
-    assert [i.id for i in items] == ["c1"] and counts == {"records_without_box": 1}
+    assert [i.id for i in items] == ["c1"] and counts == {"records_in_own_words": 1, "records_without_box": 1}
     assert items[0].prompt == conv["conversations"][0]["value"] and items[0].target == [0.102, 0.32, 0.453, 0.602]
     assert items[0].image == str(tmp_path / "b.png") and items[0].size is None
 
