@@ -35,3 +35,18 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, path, metadata={"format": "pt"})
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to a temporary sibling file and rename it over ``path``: readers see the old
+    file or the whole new one, never a part."""
+    path = os.path.abspath(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

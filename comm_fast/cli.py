@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("comm_fast.training.train", "train COMMForCausalLM (pretrain / finetune)"),
     "make-data": ("comm_fast.data.synthetic", "write a synthetic grounding and captioning set"),
     "generate": ("comm_fast.generate", "answer a prompt about an image"),
+    "eval": ("comm_fast.eval.cli", "evaluate a model on referring expressions, POPE or VQA"),
     "info": ("comm_fast._info", "which backend each op uses here, and why"),
 }
 

@@ -1,4 +1,4 @@
-"""The Vicuna-v1 conversation template (as LLaVA's conv_vicuna_v1), label masking, Shikra-style boxes.
+"""The Vicuna-v1 conversation template (as LLaVA's conv_vicuna_v1), label masking.
 
     "<system> USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"
 
@@ -8,29 +8,15 @@ token id here, so sequence lengths are known before any image is read (packing n
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
+
+from comm_fast.data.boxes import format_box, parse_boxes  # noqa: F401  (their home; re-exported)
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 ROLES = {"human": "USER", "gpt": "ASSISTANT"}
-
-
-def format_box(box, width: float = 1.0, height: float = 1.0) -> str:
-    """Shikra style: [x0,y0,x1,y1] normalised to 0-1, three decimals."""
-    x0, y0, x1, y1 = box
-    vals = (x0 / width, y0 / height, x1 / width, y1 / height)
-    return "[" + ",".join(f"{min(max(v, 0.0), 1.0):.3f}" for v in vals) + "]"
-
-
-_BOX = re.compile(r"\[\s*(-?\d*\.?\d+)\s*,\s*(-?\d*\.?\d+)\s*,\s*(-?\d*\.?\d+)\s*,\s*(-?\d*\.?\d+)\s*\]")
-
-
-def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:
-    return [tuple(float(v) for v in m.groups()) for m in _BOX.finditer(text)]
 
 
 def prompt_text(question: str) -> str:
