@@ -7,8 +7,9 @@ the Triton kernels (comm_fast.kernels; on CPU only under TRITON_INTERPRET=1) or 
 which is shaped for speed (the merge accumulates its K = L·D GEMM into one output, α folded into the
 normalisation) rather than a per-layer composition. Backward passes are custom ops as well.
 
-Custom ops: comm_fast::layernorm_weighted_sum[_backward], comm_fast::multilevel_merge[_backward],
-comm_fast::fused_mlp[_backward].
+Custom ops: comm_fast::layernorm_weighted_sum[_backward|_into], comm_fast::multilevel_merge[_backward|_into],
+comm_fast::fused_mlp[_backward]. The ``_into`` ops write (or add) into a preallocated ``out`` (the
+streaming merge of inference); they record no autograd graph.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from comm_fast import _backend
+from comm_fast.ops import merge_variants
 from comm_fast.ops._custom import note as _note, ran as _ran, register as _register
 
 OPS = ("layernorm_weighted_sum", "multilevel_merge", "fused_mlp")
@@ -119,6 +121,7 @@ def describe() -> dict:
                 name, why = "error", str(exc)
             entry[dev] = {"backend": name, "reason": why}
         result[op] = entry
+    result["multilevel_merge"]["variants"] = merge_variants.chosen()  # per shape: which forward ran, and why
     return result
 
 
@@ -227,16 +230,23 @@ def _by_row(h: list[Tensor], stacked: bool, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps):
+def _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps, out=None, accumulate=False):
     layers = _layers(h, stacked)
     dt, acc = layers[0].dtype, _acc(layers[0].dtype)
     D = layers[0].shape[-1]
     gamma = (alpha[:, None] * ln_weight).to(dt)  # α folded into the affine: one fused LN per layer
     beta = (alpha[:, None] * ln_bias).to(dt)
-    out = torch.zeros(layers[0].shape, dtype=acc, device=layers[0].device)
+    direct = out is not None and out.dtype == acc  # accumulate straight into out
+    total = out if direct else torch.zeros(layers[0].shape, dtype=acc, device=layers[0].device)
+    if direct and not accumulate:
+        total.zero_()
     for l, x in enumerate(layers):  # memory-bound: one LN pass per layer, accumulated in place
-        out.add_(F.layer_norm(x, (D,), gamma[l], beta[l], eps))
-    return out if dt == acc else out.to(dt)
+        total.add_(F.layer_norm(x, (D,), gamma[l], beta[l], eps))
+    if out is None:
+        return total if dt == acc else total.to(dt)
+    if not direct:
+        out.add_(total) if accumulate else out.copy_(total)
+    return out
 
 
 def _lnws_torch_backward(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_h):
@@ -262,11 +272,12 @@ def _lnws_torch_backward(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_
             (a[:, None] * s2).to(ln_bias.dtype), ((gamma * s1).sum(1) + ln_bias.to(acc) @ s2).to(alpha.dtype))
 
 
-def _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps):
+def _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, out=None, accumulate=False):
     """The GEMM over K = L·D as L rank-D updates of one output, each fed by a fused LayerNorm of
     one layer (α folded into its affine). Measured on 2 CPU cores (L=24, M=576, D=1024, fp32):
     one addmm over a normalised [M, L·D] copy and a permuted [N, L·D] weight copy ran at 0.63x the
-    eager per-layer composition; this form writes no copy larger than one layer's [M, D]."""
+    eager per-layer composition; this form writes no copy larger than one layer's [M, D].
+    out: written (or, accumulate, added into) by the GEMMs themselves (addmm_, beta = 1)."""
     layers = _layers(h, stacked)
     dt, acc = layers[0].dtype, _acc(layers[0].dtype)
     L, N, D = weight.shape
@@ -277,12 +288,17 @@ def _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps):
     w = weight.to(dt)
     mean = torch.empty(L, M, dtype=acc, device=layers[0].device)
     rstd = torch.empty_like(mean)
-    out = (alpha.to(acc) @ bias.to(acc)).to(dt).expand(M, N).contiguous()
+    bsum = (alpha.to(acc) @ bias.to(acc)).to(dt)
+    if out is None:
+        o2 = bsum.expand(M, N).contiguous()
+    else:
+        o2 = out.view(M, N)
+        o2.add_(bsum) if accumulate else o2.copy_(bsum.expand(M, N))
     for l, x in enumerate(layers):
         a, m, r = torch.native_layer_norm(x.to(acc), (D,), gamma[l], beta[l], eps)
         mean[l], rstd[l] = m.reshape(M), r.reshape(M)
-        out.addmm_(a.to(dt).reshape(M, D), w[l].t())
-    return out.view(*lead, N), mean, rstd
+        o2.addmm_(a.to(dt).reshape(M, D), w[l].t())
+    return (o2.view(*lead, N) if out is None else out), mean, rstd
 
 
 def _merge_torch_backward(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bias, alpha, need_h):
@@ -404,14 +420,66 @@ def _lnws_autograd(ctx, grad):
 _lnws_op.register_autograd(_lnws_autograd, setup_context=_lnws_setup)
 
 
+def _merge_variant(layers, ln_weight, ln_bias, weight, bias, alpha, eps) -> tuple[str, str]:
+    """The forward variant for this call (comm_fast.ops.merge_variants): measured once per device,
+    versions, dtype, shape and layout on CUDA."""
+    import triton
+
+    from comm_fast.kernels import multilevel_merge as kernels
+
+    ok, why = kernels.folded_eligible(layers)
+    runners = {v: (lambda v=v: kernels.merge_forward(layers, ln_weight, ln_bias, weight, bias, alpha, eps, v))
+               for v in merge_variants.VARIANTS if v != "folded" or ok}
+    skipped = {} if ok else {"folded": why}
+    x = layers[0]
+    M, D, N = x.numel() // max(x.shape[-1], 1), x.shape[-1], weight.shape[1]
+    device = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+    layout = "uniform" if kernels.uniform_layout(layers) is not None else "table"
+    key = (f"{device}|torch {torch.__version__}|triton {triton.__version__}|{str(x.dtype).split('.')[-1]}"
+           f"|L={len(layers)} M={M} N={N} D={D}|{layout}")
+    return merge_variants.choose(key, runners, skipped, x.device, measure=x.is_cuda)
+
+
+def _merge_triton(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, out=None, accumulate=False):
+    from comm_fast.kernels.multilevel_merge import merge_forward
+
+    layers = _layers(h, stacked)
+    with _on_device(h[0]):
+        variant, why = _merge_variant(layers, ln_weight, ln_bias, weight, bias, alpha, eps)
+        _ran("multilevel_merge", "triton", f"variant {variant}: {why}")
+        return merge_forward(layers, ln_weight, ln_bias, weight, bias, alpha, eps, variant, out, accumulate)
+
+
 def _merge_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
                 alpha: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _ran("multilevel_merge", backend)
     if backend == "triton":
-        from comm_fast.kernels.multilevel_merge import merge_forward
-        with _on_device(h[0]):
-            return merge_forward(_layers(h, stacked), ln_weight, ln_bias, weight, bias, alpha, eps)
+        return _merge_triton(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps)
+    _ran("multilevel_merge", backend)
     return _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps)
+
+
+def _merge_into_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
+                     bias: Tensor, alpha: Tensor, eps: float, out: Tensor, accumulate: bool, backend: str) -> None:
+    if backend == "triton":
+        _merge_triton(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, out, accumulate)
+    else:
+        _ran("multilevel_merge", backend)
+        _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, out, accumulate)
+
+
+def _lnws_into_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, alpha: Tensor, eps: float,
+                    out: Tensor, accumulate: bool, backend: str) -> None:
+    if backend == "triton" and not accumulate and out.is_contiguous():
+        _ran("layernorm_weighted_sum", backend)
+        from comm_fast.kernels.layernorm_weighted_sum import lnws_forward
+        with _on_device(h[0]):
+            lnws_forward(_layers(h, stacked), ln_weight, ln_bias, alpha, eps, out=out)
+    elif backend == "triton":  # the kernel writes contiguous rows and does not add: one more pass here
+        result = _lnws_impl(h, stacked, ln_weight, ln_bias, alpha, eps, backend)
+        out.add_(result) if accumulate else out.copy_(result)
+    else:
+        _ran("layernorm_weighted_sum", backend)
+        _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps, out, accumulate)
 
 
 def _merge_fake(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, backend):
@@ -429,7 +497,7 @@ def _merge_bwd_impl(grad: Tensor, h: list[Tensor], stacked: bool, mean: Tensor, 
         from comm_fast.kernels.multilevel_merge import merge_backward
         with _on_device(grad):
             dh, *rest = merge_backward(grad, _layers(h, stacked), mean, rstd, ln_weight, ln_bias, weight, bias,
-                                       alpha, need_h)
+                                       alpha, need_h=need_h)
         return (dh if need_h else grad.new_empty(0), *rest)
     return _merge_torch_backward(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bias, alpha, need_h)
 
@@ -442,6 +510,9 @@ def _merge_bwd_fake(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bi
 
 
 _merge_op = _register("multilevel_merge", _merge_impl, _merge_fake)
+_merge_into_op = _register("multilevel_merge_into", _merge_into_impl, lambda *args: None, mutates_args=("out",))
+_lnws_into_op = _register("layernorm_weighted_sum_into", _lnws_into_impl, lambda *args: None,
+                          mutates_args=("out",))
 _merge_bwd_op = _register("multilevel_merge_backward", _merge_bwd_impl, _merge_bwd_fake)
 
 
@@ -524,12 +595,49 @@ _mlp_op.register_autograd(_mlp_autograd, setup_context=_mlp_setup)
 # ---------------------------------------------------------------------------------------------
 
 
-def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, backend: str | None = None):
+def _check_out(op: str, out, accumulate, shape: tuple, dtype: torch.dtype, ref: Tensor, tensors: dict) -> None:
+    """out=: a [..., N] tensor of the result's dtype whose rows are one stride apart; no autograd graph."""
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate: True needs out= (the tensor to add the result into)")
+        return
+    _check_float("out", out)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out: expected shape {list(shape)} (h's leading dims and the output width), "
+                         f"got {list(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {dtype} (the result's dtype), got {out.dtype}")
+    if out.device != ref.device:
+        raise ValueError(f"out: expected a tensor on {ref.device} (the device of the input), got {out.device}")
+    if shape[-1] > 1 and out.stride(-1) != 1:
+        raise ValueError(f"out: the last dimension must be contiguous (stride 1), got stride {out.stride(-1)}")
+    try:
+        out.view(-1, shape[-1])
+    except RuntimeError:
+        raise ValueError(f"out: its leading dimensions must merge into one row stride (as a view of [M, "
+                         f"{shape[-1]}]), got strides {list(out.stride())}") from None
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if t.requires_grad:
+                raise RuntimeError(f"out=: {op} writes into out only when no autograd graph would be recorded "
+                                   f"(under torch.no_grad(), or with no input that requires grad); {name} "
+                                   "requires grad")
+
+
+def _grad_inputs(arg: list[Tensor], stacked: bool, **params: Tensor) -> dict:
+    names = ["h"] if stacked else [f"h[{i}]" for i in range(len(arg))]
+    return {**dict(zip(names, arg)), **params}
+
+
+def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, backend: str | None = None, *,
+                           out: Tensor | None = None, accumulate: bool = False):
     """Σ_l alpha_l · LayerNorm(h_l; ln_weight_l, ln_bias_l).
 
     h: stacked [L, ..., D] (any strides but the last, e.g. h[:, :, 1:] to drop CLS) or a list of L
     tensors [..., D] (not stacked: the kernels read them in place). ln_weight, ln_bias: [L, D];
     alpha: [L] (raw weights: apply a softmax before the call if wanted). Returns [..., D] in h's dtype.
+    out: a preallocated result ([..., D], h's dtype, last dim contiguous), written and returned;
+    accumulate=True adds the result into it. Both only where no autograd graph would be recorded.
     """
     arg, stacked, L, shape, ref = _hidden_states(h)
     D = shape[-1]
@@ -537,15 +645,25 @@ def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, back
     _check_param("ln_bias", ln_bias, (L, D), "[L, D]", ref)
     _check_param("alpha", alpha, (L,), "[L]", ref)
     eps = _check_eps(eps)
+    _check_out("layernorm_weighted_sum", out, accumulate, shape, ref.dtype, ref,
+               _grad_inputs(arg, stacked, ln_weight=ln_weight, ln_bias=ln_bias, alpha=alpha, out=out))
     name, why = _resolve("layernorm_weighted_sum", backend, ref.device.type)
     _note("layernorm_weighted_sum", name, why)
-    return _lnws_op(arg, stacked, ln_weight, ln_bias, alpha, eps, name)
+    if out is None:
+        return _lnws_op(arg, stacked, ln_weight, ln_bias, alpha, eps, name)
+    _lnws_into_op(arg, stacked, ln_weight, ln_bias, alpha, eps, out, bool(accumulate), name)
+    return out
 
 
-def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e-5, backend: str | None = None):
+def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e-5, backend: str | None = None, *,
+                     out: Tensor | None = None, accumulate: bool = False):
     """Σ_l alpha_l · (LayerNorm(h_l; ln_weight_l, ln_bias_l) · weight_lᵀ + bias_l).
 
     h as for layernorm_weighted_sum; weight: [L, D_out, D]; bias: [L, D_out]. Returns [..., D_out].
+    out: a preallocated result ([..., D_out], the result's dtype, last dim contiguous), written and
+    returned; accumulate=True adds the result into it (out += merge: the GEMM accumulates into C itself,
+    no separate add pass). Both only where no autograd graph would be recorded (e.g. under no_grad: the
+    streaming merge of inference, one call per layer as the encoder runs).
     """
     arg, stacked, L, shape, ref = _hidden_states(h)
     D = shape[-1]
@@ -562,7 +680,13 @@ def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e
     _note("multilevel_merge", name, why)
     arg, (ln_weight, ln_bias, weight, bias, alpha) = _autocast(ref.device.type, arg, ln_weight, ln_bias, weight,
                                                                bias, alpha)
-    return _merge_op(arg, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, name)[0]
+    _check_out("multilevel_merge", out, accumulate, (*shape[:-1], weight.shape[1]), arg[0].dtype, ref,
+               _grad_inputs(arg, stacked, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias,
+                            alpha=alpha, out=out))
+    if out is None:
+        return _merge_op(arg, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, name)[0]
+    _merge_into_op(arg, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, out, bool(accumulate), name)
+    return out
 
 
 def fused_mlp(x, w1, b1, w2, b2, activation: str = "gelu", backend: str | None = None):
