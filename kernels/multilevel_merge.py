@@ -43,11 +43,13 @@ from comm_fast.ops.merge_variants import VARIANTS
 # 16-bit folded GEMM. Shared memory per stage: (BM + BN) * BK * 2 bytes; every config fits 227 KB.
 _FOLDED_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-]
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]  # 128x256x64 (8 warps) spills 176 bytes: two 128x256 fp32 accumulators exceed 255 registers
 _CPU_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4)
-_FOLDED_DTYPES = (torch.bfloat16, torch.float16, torch.float64)
+# fp64 only under the interpreter (gradcheck): on a GPU it would be an FMA loop, not a tensor-core GEMM
+_FOLDED_DTYPES = (torch.bfloat16, torch.float16) + ((torch.float64,) if _utils.INTERPRET else ())
 # fused_mlp's GEMM configs and dot arguments (it shares _grouped and _CPU_CONFIG too)
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -220,7 +222,8 @@ def uniform_layout(layers):
 def folded_eligible(layers) -> tuple[bool, str]:
     dtype = layers[0].dtype
     if dtype not in _FOLDED_DTYPES:
-        return False, f"folded takes 16-bit (and fp64) inputs, not {dtype} (large-mean cancellation in fp32)"
+        return False, (f"folded takes 16-bit inputs, not {dtype}" + (" (large-mean cancellation: see the module doc)"
+                                                                     if dtype == torch.float32 else ""))
     if uniform_layout(layers) is None:
         return False, "folded needs layers at a uniform stride (one buffer [L, ...]); these are not"
     return True, "eligible"
@@ -336,3 +339,86 @@ def merge_backward(grad, layers, mean, rstd, ln_weight, ln_bias, weight, bias, a
     d_bias = (a[:, None] * s[None, :]).to(bias.dtype)
     d_alpha = ((ln_weight.to(acc) * p).sum(1) + (ln_bias.to(acc) * q).sum(1) + bias.to(acc) @ s).to(alpha.dtype)
     return dh, d_ln_weight, d_ln_bias, d_weight.to(weight.dtype), d_bias, d_alpha
+
+
+# --- kernel report ---
+_TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPES = {v: k for k, v in _TL_NAMES.items()}
+
+
+def _config_text(cfg: triton.Config) -> str:
+    k = cfg.kwargs
+    return (f"BM={k['BLOCK_M']} BN={k['BLOCK_N']} BK={k['BLOCK_K']} GM={k['GROUP_M']} "
+            f"warps={cfg.num_warps} stages={cfg.num_stages}")
+
+
+def _signature(fn, types: dict, constexprs: dict) -> dict:
+    return {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+
+
+def report_entries(shapes: dict) -> list[dict]:
+    """Every kernel x config x dtype the CUDA path of this module can launch, at these shapes.
+
+    Layout: the tower's one buffer [L, M, D] (contiguous rows; its CLS-dropping view [L, B, T+1, D][:, :, 1:]
+    specialises the same way at T = 576). Every integer argument is 16-divisible at the preset sizes.
+    materialised's GEMM is cuBLAS (torch.mm): only its normalise pass is a Triton kernel here.
+    """
+    keep = shapes.get("tune_configs")
+    folded_configs = _FOLDED_CONFIGS[:keep] if keep else _FOLDED_CONFIGS
+    entries = []
+    for shape in shapes.get("merge", []):
+        M, N, D, L = shape["M"], shape["N"], shape["D"], shape["L"]
+        for dname in shapes.get("dtypes", ["bf16", "fp16", "fp32"]):
+            dtype, esize = _DTYPES[dname], _DTYPES[dname].itemsize
+            # the normalise pass: stats only (folded) and writing Â (materialised); row_config's GPU choice
+            saved, _utils.ON_GPU = _utils.ON_GPU, True  # the CUDA config, asked for without a GPU
+            try:
+                block_m, block_d, _, warps = row_config(D, M)
+            finally:
+                _utils.ON_GPU = saved
+            for variant, write_a in (("folded", False), ("materialised", True)):
+                if variant == "folded" and dtype not in _FOLDED_DTYPES:
+                    continue
+                constexprs = dict(BLOCK_M=block_m, BLOCK_D=block_d, ALIGN=16 // esize, ACC=tl.float32,
+                                  LOAD_STATS=False, WRITE_A=write_a)
+                types = dict(h_ptr=f"*{dname}", tab_ptr="*i64", M2="i32", lnw_ptr=f"*{dname}", lnb_ptr=f"*{dname}",
+                             alpha_ptr=f"*{dname}", mean_ptr="*fp32", rstd_ptr="*fp32",
+                             a_ptr=f"*{dname}" if write_a else "*fp32", stride_am="i32", M="i32", D="i32",
+                             L0="i32", eps="fp32")
+                read = L * M * D * esize
+                written = (L * M * D * esize if write_a else 0) + 2 * L * M * 4
+                entries.append(dict(
+                    name=f"merge_normalise/{variant}/{dname}/{shape['name']}/{block_m}x{block_d}w{warps}",
+                    kernel="merge_normalise", variant=variant, dtype=dname, shape=shape["name"],
+                    config=f"BM={block_m} BD={block_d} warps={warps}", fn=_normalise_kernel,
+                    signature=_signature(_normalise_kernel, types, constexprs), constexprs=constexprs,
+                    # M2 = M and the Â row stride L·D + pad are 16-divisible; L0 = 0 is specialised as divisible
+                    divisible=["h_ptr", "tab_ptr", "M2", "lnw_ptr", "lnb_ptr", "alpha_ptr", "mean_ptr", "rstd_ptr",
+                               "a_ptr", "M", "D", "L0"] + (["stride_am"] if write_a else []),
+                    num_warps=warps, num_stages=1, launchable=True, gemm=False,
+                    model=dict(kind="memory", bytes=read + written, ctas=triton.cdiv(M, block_m) * L,
+                               bytes_in_flight_per_cta=block_m * D * esize)))
+            if dtype not in _FOLDED_DTYPES:
+                continue
+            for cfg, accumulate in [(c, a) for c in folded_configs for a in (False, True)]:
+                constexprs = dict(cfg.kwargs, ACCUMULATE=accumulate, ACC=tl.float32, DOT_ACC=False)
+                types = dict(x_ptr=f"*{dname}", stride_l="i32", M2="i32", stride_r1="i32", stride_r2="i32",
+                             mean_ptr="*fp32", rstd_ptr="*fp32", w_ptr=f"*{dname}", c_ptr="*fp32", b_ptr="*fp32",
+                             out_ptr=f"*{dname}", stride_om="i32", M="i32", N="i32", D="i32", L="i32")
+                bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+                K = L * D
+                entries.append(dict(
+                    name=f"merge_fwd/folded/{dname}/{shape['name']}/{bm}x{bn}x{bk}w{cfg.num_warps}s{cfg.num_stages}"
+                         + ("/accumulate" if accumulate else ""),
+                    kernel="merge_fwd", variant="folded", dtype=dname, shape=shape["name"],
+                    config=_config_text(cfg) + (" ACCUMULATE" if accumulate else ""),
+                    fn=_folded_kernel, signature=_signature(_folded_kernel, types, constexprs), constexprs=constexprs,
+                    # stacked [L, M, D]: stride_l = M·D, M2 = M, stride_r1 = 0, stride_r2 = D; L = 24 / 6 is not
+                    divisible=["x_ptr", "stride_l", "M2", "stride_r1", "stride_r2", "mean_ptr", "rstd_ptr", "w_ptr",
+                               "c_ptr", "b_ptr", "out_ptr", "stride_om", "M", "N", "D"] + (["L"] if L % 16 == 0 else []),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, launchable=True, gemm=True,
+                    model=dict(kind="gemm", M=M, N=N, K=K, BM=bm, BN=bn, BK=bk, flops=2 * M * N * K,
+                               # A once per column of tiles (L2 keeps GROUP_M row tiles' B), W′ once per row group
+                               bytes=(M * K * triton.cdiv(N, bn) // max(1, cfg.kwargs["GROUP_M"]) + N * K
+                                      * triton.cdiv(M, bm * cfg.kwargs["GROUP_M"]) + (1 + accumulate) * M * N) * esize)))
+    return entries
