@@ -180,28 +180,33 @@ def _derived(kind: str, tensors: tuple, dtype: torch.dtype, build):
 
 def folded_weights(ln_weight, ln_bias, weight, bias, alpha, dtype):
     """(W′ [L, N, D] in ``dtype``, c [L, N], b′ [N]) with W′_l = α_l W_l diag(γ_l), c_l = W′_l·1 of the
-    rounded W′, b′ = Σ_l α_l (W_l β_l + b_l); c and b′ in the accumulation dtype."""
+    rounded W′, b′ = Σ_l α_l (W_l β_l + b_l) (bias None: no b_l); c and b′ in the accumulation dtype."""
     def build():
         acc = _utils.torch_acc_dtype(dtype)
         a, w = alpha.to(acc), weight.to(acc)
         wf = (w * (a[:, None] * ln_weight.to(acc))[:, None, :]).to(dtype).contiguous()
         c = wf.to(acc).sum(-1)
-        b = a @ (torch.einsum("lnd,ld->ln", w, ln_bias.to(acc)) + bias.to(acc))
-        return wf, c, b
-    return _derived("folded", (ln_weight, ln_bias, weight, bias, alpha), dtype, build)
+        wb = torch.einsum("lnd,ld->ln", w, ln_bias.to(acc))
+        return wf, c, a @ (wb if bias is None else wb + bias.to(acc))
+    return _derived("folded", _present(ln_weight, ln_bias, weight, bias, alpha), dtype, build)
 
 
 def stacked_weight(weight, bias, alpha, dtype):
-    """[N, Kp] in ``dtype``: column l·D + d is W_l[:, d], column L·D is Σ_l α_l b_l, the rest (up to a
-    multiple of 8 for 16-byte rows) zero."""
+    """[N, Kp] in ``dtype``: column l·D + d is W_l[:, d], column L·D is Σ_l α_l b_l (0 for bias None),
+    the rest (up to a multiple of 8 for 16-byte rows) zero."""
     def build():
         L, N, D = weight.shape
         acc = _utils.torch_acc_dtype(dtype)
         ws = torch.zeros(N, _padded_k(L, D), dtype=dtype, device=weight.device)
         ws[:, :L * D].view(N, L, D).copy_(weight.transpose(0, 1))
-        ws[:, L * D] = (alpha.to(acc) @ bias.to(acc)).to(dtype)
+        if bias is not None:
+            ws[:, L * D] = (alpha.to(acc) @ bias.to(acc)).to(dtype)
         return ws
-    return _derived("stacked", (weight, bias, alpha), dtype, build)
+    return _derived("stacked", _present(weight, bias, alpha), dtype, build)
+
+
+def _present(*tensors):
+    return tuple(t for t in tensors if t is not None)
 
 
 def _padded_k(L: int, D: int) -> int:
@@ -249,7 +254,7 @@ def _normalise(layers, ln_weight, ln_bias, alpha, mean, rstd, eps, a=None, l0=0,
 
 def merge_forward(layers, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e-5, variant: str = "folded",
                   out: torch.Tensor | None = None, accumulate: bool = False):
-    """Launch one forward variant. layers: L tensors [..., D]; weight [L, N, D].
+    """Launch one forward variant. layers: L tensors [..., D]; weight [L, N, D]; bias [L, N] or None.
     out (+)= the merge (accumulate: out += it). Returns (out [..., N], mean [L, M], rstd [L, M])."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
@@ -265,7 +270,7 @@ def merge_forward(layers, ln_weight, ln_bias, weight, bias, alpha, eps: float = 
         return out, mean, rstd
     o2 = out.view(M, N)  # one row stride (the op checks that out's leading dims allow it)
     if D == 0:
-        bsum = (alpha.to(mean.dtype) @ bias.to(mean.dtype)).to(dtype)
+        bsum = (alpha.to(mean.dtype) @ bias.to(mean.dtype) if bias is not None else mean.new_zeros(N)).to(dtype)
         o2.add_(bsum) if accumulate else o2.copy_(bsum.expand(M, N))
         return out, mean.zero_(), rstd.zero_()
     lnw, lnb, a = ln_weight.contiguous(), ln_bias.contiguous(), alpha.contiguous()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from comm_fast import _backend
+from comm_fast.ops import merge_variants
 from comm_fast.ops._custom import note as _note, ran as _ran, register as _register
 
 OPS = ("layernorm_weighted_sum", "multilevel_merge", "fused_mlp")
@@ -120,6 +121,7 @@ def describe() -> dict:
                 name, why = "error", str(exc)
             entry[dev] = {"backend": name, "reason": why}
         result[op] = entry
+    result["multilevel_merge"]["variants"] = merge_variants.chosen()  # per shape: which forward ran, and why
     return result
 
 
@@ -230,16 +232,6 @@ def _check_out(op: str, out, accumulate, shape: tuple, dtype: torch.dtype, ref: 
     if torch.is_grad_enabled() and (out.requires_grad or any(x.requires_grad for x in inputs)):
         raise RuntimeError(f"out: {op}(out=...) writes in place and records no autograd graph, but an input "
                            "requires grad; call it under torch.no_grad() (or without out=)")
-
-
-def _out_backend(op: str, backend: str | None, name: str, why: str) -> tuple[str, str]:
-    """The out= path exists for the torch backend only: an explicit 'triton' raises, auto uses torch."""
-    if name != "triton":
-        return name, why
-    if backend is not None:
-        raise NotImplementedError(f"backend: 'triton' has no out=/accumulate path for {op} yet; "
-                                  "use backend='torch' (or 'auto')")
-    return "torch", f"out=/accumulate: the Triton kernels have no such path yet, so the torch path ({why})"
 
 
 def _check_eps(eps) -> float:
@@ -420,13 +412,17 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _lnws_triton(h, stacked, ln_weight, ln_bias, alpha, eps, out=None):
+    from comm_fast.kernels.layernorm_weighted_sum import lnws_forward
+    with _on_device(h[0]):
+        return lnws_forward(_layers(h, stacked), ln_weight, ln_bias, alpha, eps, out=out)
+
+
 def _lnws_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, alpha: Tensor, eps: float,
                backend: str) -> Tensor:
     _ran("layernorm_weighted_sum", backend)
     if backend == "triton":
-        from comm_fast.kernels.layernorm_weighted_sum import lnws_forward
-        with _on_device(h[0]):
-            return lnws_forward(_layers(h, stacked), ln_weight, ln_bias, alpha, eps)
+        return _lnws_triton(h, stacked, ln_weight, ln_bias, alpha, eps)
     return _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps)
 
 
@@ -477,13 +473,41 @@ def _lnws_autograd(ctx, grad):
 _lnws_op.register_autograd(_lnws_autograd, setup_context=_lnws_setup)
 
 
+def _merge_variant(layers, ln_weight, ln_bias, weight, bias, alpha, eps) -> tuple[str, str]:
+    """The forward variant for this call (comm_fast.ops.merge_variants): measured once per device,
+    versions, dtype, shape and layout on CUDA."""
+    import triton
+
+    from comm_fast.kernels import multilevel_merge as kernels
+
+    ok, why = kernels.folded_eligible(layers)
+    runners = {v: (lambda v=v: kernels.merge_forward(layers, ln_weight, ln_bias, weight, bias, alpha, eps, v))
+               for v in merge_variants.VARIANTS if v != "folded" or ok}
+    skipped = {} if ok else {"folded": why}
+    x = layers[0]
+    M, D, N = x.numel() // max(x.shape[-1], 1), x.shape[-1], weight.shape[1]
+    device = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+    layout = "uniform" if kernels.uniform_layout(layers) is not None else "table"
+    key = (f"{device}|torch {torch.__version__}|triton {triton.__version__}|{str(x.dtype).split('.')[-1]}"
+           f"|L={len(layers)} M={M} N={N} D={D}|{layout}")
+    return merge_variants.choose(key, runners, skipped, x.device, measure=x.is_cuda)
+
+
+def _merge_triton(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, out=None, accumulate=False):
+    from comm_fast.kernels.multilevel_merge import merge_forward
+
+    layers = _layers(h, stacked)
+    with _on_device(h[0]):
+        variant, why = _merge_variant(layers, ln_weight, ln_bias, weight, bias, alpha, eps)
+        _ran("multilevel_merge", "triton", f"variant {variant}: {why}")
+        return merge_forward(layers, ln_weight, ln_bias, weight, bias, alpha, eps, variant, out, accumulate)
+
+
 def _merge_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, bias: Tensor,
                 alpha: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _ran("multilevel_merge", backend)
     if backend == "triton":
-        from comm_fast.kernels.multilevel_merge import merge_forward
-        with _on_device(h[0]):
-            return merge_forward(_layers(h, stacked), ln_weight, ln_bias, weight, bias, alpha, eps)
+        return _merge_triton(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps)
+    _ran("multilevel_merge", backend)
     return _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps)
 
 
@@ -502,7 +526,7 @@ def _merge_bwd_impl(grad: Tensor, h: list[Tensor], stacked: bool, mean: Tensor, 
         from comm_fast.kernels.multilevel_merge import merge_backward
         with _on_device(grad):
             dh, *rest = merge_backward(grad, _layers(h, stacked), mean, rstd, ln_weight, ln_bias, weight, bias,
-                                       alpha, need_h)
+                                       alpha, need_h=need_h)
         return (dh if need_h else grad.new_empty(0), *rest)
     return _merge_torch_backward(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weight, bias, alpha, need_h)
 
@@ -541,12 +565,21 @@ _merge_op.register_autograd(_merge_autograd, setup_context=_merge_setup)
 def _lnws_out_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, alpha: Tensor, eps: float,
                    backend: str, out: Tensor, accumulate: bool) -> None:
     _ran("layernorm_weighted_sum", backend)
-    _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps, out, accumulate)
+    if backend == "triton" and not accumulate and out.is_contiguous():
+        _lnws_triton(h, stacked, ln_weight, ln_bias, alpha, eps, out)
+    elif backend == "triton":  # the kernel writes contiguous rows and does not add: one more pass here
+        result = _lnws_triton(h, stacked, ln_weight, ln_bias, alpha, eps)
+        out.add_(result) if accumulate else out.copy_(result)
+    else:
+        _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps, out, accumulate)
 
 
 def _merge_out_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
                     bias: Tensor | None, alpha: Tensor, eps: float, backend: str, out: Tensor,
                     accumulate: bool) -> None:
+    if backend == "triton":  # the GEMM adds into out itself: the folded epilogue's C load, or addmm_ (beta = 1)
+        _merge_triton(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, out, accumulate)
+        return
     _ran("multilevel_merge", backend)
     _merge_torch_into(out.view(-1, out.shape[-1]), _layers(h, stacked), ln_weight, ln_bias, weight, bias, alpha,
                       eps, accumulate)
@@ -630,7 +663,8 @@ def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, back
 
     out: a preallocated [..., D] result in h's dtype (last dimension contiguous), written and returned;
     accumulate=True adds the sum into it. Both record no autograd graph (an input that requires grad
-    under grad mode is an error) and run the torch path.
+    under grad mode is an error). (The Triton kernel writes a contiguous out itself; a strided out or an
+    accumulation costs one more pass.)
     """
     arg, stacked, L, shape, ref = _hidden_states(h)
     D = shape[-1]
@@ -641,7 +675,6 @@ def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, back
     _check_out("layernorm_weighted_sum", out, accumulate, shape, ref.dtype, ref, (*arg, ln_weight, ln_bias, alpha))
     name, why = _resolve("layernorm_weighted_sum", backend, ref.device.type)
     if out is not None:
-        name, why = _out_backend("layernorm_weighted_sum", backend, name, why)
         _note("layernorm_weighted_sum", name, why)
         _lnws_out_op(arg, stacked, ln_weight, ln_bias, alpha, eps, name, out, accumulate)
         return out
@@ -658,10 +691,11 @@ def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e
 
     out: a preallocated [..., D_out] result in the result's dtype (last dimension contiguous, the leading
     ones one row stride), written and returned; accumulate=True adds the merge into it, the GEMM
-    accumulating into out itself (C += A·Wᵀ), with no separate add pass over out when bias is None (a
-    bias costs one broadcast add: to stream a merge layer by layer, start out at the bias sum and pass
-    bias=None). Both record no autograd graph (an input that requires grad under grad mode is an error)
-    and run the torch path.
+    accumulating into out itself (C += A·Wᵀ). Torch path: no separate add pass over out when bias is
+    None (a bias costs one broadcast add: to stream a merge layer by layer, start out at the bias sum and
+    pass bias=None). Triton path: the bias rides in the GEMM either way (folded: the epilogue, which also
+    loads C; materialised: a ones column of Â). Both record no autograd graph (an input that requires
+    grad under grad mode is an error).
     """
     arg, stacked, L, shape, ref = _hidden_states(h)
     D = shape[-1]
@@ -680,8 +714,6 @@ def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e
     result = ref.dtype if ref.dtype == torch.float64 else autocast_dtype(ref.device.type) or ref.dtype
     _check_out("multilevel_merge", out, accumulate, (*shape[:-1], N), result, ref, (*arg, *params), rows=True)
     name, why = _resolve("multilevel_merge", backend, ref.device.type)
-    if out is not None:
-        name, why = _out_backend("multilevel_merge", backend, name, why)
     _note("multilevel_merge", name, why)
     arg, (ln_weight, ln_bias, weight, alpha) = _autocast(ref.device.type, arg, ln_weight, ln_bias, weight, alpha)
     if bias is not None:

@@ -53,26 +53,31 @@ def expect(ref, layers, params, dtype, init):
     return r64, rdt
 
 
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: through the interpreter here
+
+
+@BACKENDS
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("layout,L,D,N,dtype,kind", [
     ("stacked", 4, 24, 20, torch.float64, "contiguous"), ("strided", 3, 37, 18, torch.float32, "row_slice"),
-    ("list", 5, 20, 33, torch.bfloat16, "contiguous"), ("strided", 1, 30, 12, torch.float32, "contiguous")])
-def test_merge_out(layout, L, D, N, dtype, kind, accumulate, seed, poison):
+    ("list", 5, 20, 33, torch.bfloat16, "contiguous"), ("strided", 1, 30, 12, torch.bfloat16, "row_slice")])
+def test_merge_out(layout, L, D, N, dtype, kind, accumulate, backend, seed, poison):
     h, layers = layers_of(layout, L, D, dtype)
     params = merge_params(L, D, N, dtype)
     out, base, init = out_buffer(kind, (2, 7, N), dtype, poison, accumulate)
     with torch.no_grad():
-        got = ops.multilevel_merge(h, *params, eps=EPS, out=out, accumulate=accumulate)
+        got = ops.multilevel_merge(h, *params, eps=EPS, backend=backend, out=out, accumulate=accumulate)
     assert got is out
     r64, rdt = expect(ref_merge, layers, params, dtype, init)
     check("out", out, r64, rdt)
     if kind == "row_slice":  # the padding around the slice is not touched
         assert torch.isnan(base[..., 0]).all() and torch.isnan(base[..., N + 1:]).all()
-    assert _backend.last_used()["multilevel_merge"]["backend"] == "torch"
+    assert _backend.last_used()["multilevel_merge"]["backend"] == backend
 
 
+@BACKENDS
 @pytest.mark.parametrize("layout,dtype", [("stacked", torch.float64), ("list", torch.float32)])
-def test_merge_out_without_bias(layout, dtype, seed, poison):
+def test_merge_out_without_bias(layout, dtype, backend, seed, poison):
     """bias=None: no bias term; accumulating a layer at a time sums to the one-call merge."""
     L, D, N = 3, 16, 10
     h, layers = layers_of(layout, L, D, dtype)
@@ -83,25 +88,27 @@ def test_merge_out_without_bias(layout, dtype, seed, poison):
     for l in range(L):
         sl = slice(l, l + 1)
         ops.multilevel_merge([layers[l]], params[0][sl], params[1][sl], params[2][sl], None, params[4][sl],
-                             out=out, accumulate=True)
+                             backend=backend, out=out, accumulate=True)
     r64, rdt = expect(ref_merge, layers, params, dtype, None)
     check("out", out, r64, rdt)
     fresh = poison((2, 7, N), dtype, "cpu")
-    ops.multilevel_merge(h, params[0], params[1], params[2], None, params[4], out=fresh)  # beta=0: NaN ignored
+    ops.multilevel_merge(h, params[0], params[1], params[2], None, params[4], backend=backend,
+                         out=fresh)  # beta=0 / no C load: NaN ignored
     r64, rdt = expect(ref_merge, layers, [*params[:3], torch.zeros_like(params[3]), params[4]], dtype, None)
     check("out (bias None)", fresh, r64, rdt)
 
 
+@BACKENDS
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("layout,L,D,dtype", [
     ("stacked", 4, 24, torch.float64), ("strided", 3, 37, torch.bfloat16), ("list", 6, 20, torch.float32)])
-def test_layernorm_weighted_sum_out(layout, L, D, dtype, accumulate, seed, poison):
+def test_layernorm_weighted_sum_out(layout, L, D, dtype, accumulate, backend, seed, poison):
     h, layers = layers_of(layout, L, D, dtype)
     p = merge_params(L, D, 1, dtype)
     params = [p[0], p[1], p[4]]
     out, base, init = out_buffer("row_slice", (2, 7, D), dtype, poison, accumulate)
     with torch.no_grad():
-        got = ops.layernorm_weighted_sum(h, *params, eps=EPS, out=out, accumulate=accumulate)
+        got = ops.layernorm_weighted_sum(h, *params, eps=EPS, backend=backend, out=out, accumulate=accumulate)
     assert got is out
     r64, rdt = expect(ref_lnws, layers, params, dtype, init)
     check("out", out, r64, rdt)
@@ -185,22 +192,18 @@ def test_out_errors(seed):
         ops.multilevel_merge(h, lw, lb, grad_w, p[3], a, out=torch.empty(3, 5, N))
 
 
-def test_out_backend(seed, monkeypatch):
-    """The out= path is the torch path's: an explicit 'triton' raises, COMM_FAST_BACKEND=triton falls back
-    (and says so)."""
+def test_out_triton_backend(seed, monkeypatch):
+    """The Triton path writes out itself and records which forward variant ran."""
     L, D, N = 2, 8, 6
-    h = rand(L, 3, D, dtype=torch.float32)
-    p = merge_params(L, D, N, torch.float32)
+    h = rand(L, 3, D, dtype=torch.bfloat16)
+    p = [q.bfloat16() for q in merge_params(L, D, N, torch.float32)]
     monkeypatch.delenv("COMM_FAST_BACKEND", raising=False)
-    monkeypatch.setattr(_backend, "triton_interpreting", lambda: True)  # Triton usable on CPU tensors
-    with pytest.raises(NotImplementedError, match="backend: 'triton' has no out=/accumulate path for multilevel_merge"):
-        ops.multilevel_merge(h, *p, backend="triton", out=torch.empty(3, N))
-    with pytest.raises(NotImplementedError, match="for layernorm_weighted_sum"):
-        ops.layernorm_weighted_sum(h, p[0], p[1], p[4], backend="triton", out=torch.empty(3, D))
-    monkeypatch.setenv("COMM_FAST_BACKEND", "triton")
-    ops.multilevel_merge(h, *p, out=torch.empty(3, N))
+    monkeypatch.setenv("COMM_FAST_MERGE_VARIANT", "folded")
+    out = torch.zeros(3, N, dtype=torch.bfloat16)
+    ops.multilevel_merge(h, *p, backend="triton", out=out, accumulate=True)
     used = _backend.last_used()["multilevel_merge"]
-    assert used["backend"] == "torch" and "the Triton kernels have no such path yet" in used["reason"]
+    assert used["backend"] == "triton" and "variant folded: forced by COMM_FAST_MERGE_VARIANT" in used["reason"]
+    check("out", out, *expect(ref_merge, list(h.unbind(0)), p, torch.bfloat16, None))
 
 
 def test_out_ops_registered_as_mutating(seed):
