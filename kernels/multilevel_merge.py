@@ -160,21 +160,24 @@ _DERIVED: dict = {}
 
 
 def _derived(kind: str, tensors: tuple, dtype: torch.dtype, build):
-    """build() cached per (kind, dtype) and the identity and ._version of each parameter: recomputed only
-    when one of them is replaced or modified in place (an optimizer step). Inference tensors, which
-    track no version, are never cached."""
+    """build() cached per (kind, dtype) and each parameter's identity (a view counts as its base
+    tensor at its offset, shape and strides: the tower's per-layer slices hit) and ._version (shared
+    by a view and its base): recomputed only when a parameter is replaced or modified in place (an
+    optimizer step). Inference tensors, which track no version, are never cached."""
     try:
         versions = tuple(t._version for t in tensors)
     except RuntimeError:
         return build()
-    key = (kind, dtype, tuple(id(t) for t in tensors))
+    bases = tuple(t if t._base is None else t._base for t in tensors)
+    key = (kind, dtype) + tuple((id(b), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+                                for b, t in zip(bases, tensors))
     hit = _DERIVED.get(key)
-    if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
+    if hit is not None and hit[1] == versions and all(r() is b for r, b in zip(hit[0], bases)):
         return hit[2]
     value = build()
-    if len(_DERIVED) >= 16:  # bounded: autocast casts and other temporaries bring new identities
+    if len(_DERIVED) >= 64:  # bounded: autocast casts and other temporaries bring new identities
         _DERIVED.pop(next(iter(_DERIVED)))
-    _DERIVED[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+    _DERIVED[key] = (tuple(weakref.ref(b) for b in bases), versions, value)
     return value
 
 

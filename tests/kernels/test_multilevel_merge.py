@@ -188,7 +188,13 @@ def test_folded_weights_cached_by_version_and_identity(seed, H):
     assert wf2 is not wf
     torch.testing.assert_close(wf2.float(), 2 * wf.float(), rtol=2 ** -7, atol=0)
     params[4] = params[4].clone()  # replaced by another tensor (same values): recomputed
-    assert mm.folded_weights(*params, torch.bfloat16)[0] is not wf2
+    wf3 = mm.folded_weights(*params, torch.bfloat16)[0]
+    assert wf3 is not wf2
+    sl = slice(1, 2)  # per-layer slices (new view objects every call, as in a streaming merge) hit
+    one = mm.folded_weights(*[p[sl] for p in params], torch.bfloat16)[0]
+    assert mm.folded_weights(*[p[sl] for p in params], torch.bfloat16)[0] is one
+    params[2][0].add_(1)  # a write through another view of the base bumps the shared version
+    assert mm.folded_weights(*[p[sl] for p in params], torch.bfloat16)[0] is not one
     with torch.inference_mode():  # inference tensors track no version: never cached
         inf = [p.clone() for p in params]
         assert mm.folded_weights(*inf, torch.bfloat16)[0] is not mm.folded_weights(*inf, torch.bfloat16)[0]

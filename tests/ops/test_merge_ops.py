@@ -423,3 +423,24 @@ def test_distributed_ranks_take_rank_0s_choice(tmp_path):
     assert got[0][0] == got[1][0] == "folded"
     assert "rank 0's choice" in got[1][1] and "rank 0's choice" not in got[0][1]
     assert os.path.exists(tmp_path / "0" / "merge_variants.json") and not os.path.exists(tmp_path / "1")
+
+
+def test_bench_merge_variants_on_cpu(monkeypatch):
+    """On a CPU the bench times no GPU variant: it prints the report's prediction, labelled as one, or says
+    that there is none."""
+    import sys
+    import types
+
+    from comm_fast import bench
+
+    h, *params = _merge_inputs()
+    shape = dict(M=3, N=4, D=8, L=2, dtype=torch.float32)
+    monkeypatch.setitem(sys.modules, "comm_fast.kernel_report", None)  # absent: import fails
+    runs, notes = bench._merge_variants(h, params, torch.device("cpu"), shape)
+    assert runs == {} and notes == ["GPU variants (folded, materialised): no prediction, "
+                                    "comm_fast.kernel_report is absent"]
+    report = types.ModuleType("comm_fast.kernel_report")
+    report.predict_variants = lambda op, s: {"folded": 1.25, "materialised": 1.5} if s == shape else {}
+    monkeypatch.setitem(sys.modules, "comm_fast.kernel_report", report)
+    assert bench._merge_variants(h, params, torch.device("cpu"), shape)[1] == [
+        "prediction (comm_fast.kernel_report, not measured): folded 1.250 ms, materialised 1.500 ms"]
