@@ -384,27 +384,31 @@ def report_entries(shapes: dict) -> list[dict]:
                 block_m, block_d, _, warps = row_config(D, M)
             finally:
                 _utils.ON_GPU = saved
-            for variant, write_a in (("folded", False), ("materialised", True)):
+            # forward: stats only (folded), stats and Â (materialised); backward: one layer's Â from the stats
+            for variant, load, write_a in (("folded", False, False), ("materialised", False, True),
+                                           ("backward", True, True)):
                 if variant == "folded" and dtype not in _FOLDED_DTYPES:
                     continue
                 constexprs = dict(BLOCK_M=block_m, BLOCK_D=block_d, ALIGN=16 // esize, ACC=tl.float32,
-                                  LOAD_STATS=False, WRITE_A=write_a)
+                                  LOAD_STATS=load, WRITE_A=write_a)
                 types = dict(h_ptr=f"*{dname}", tab_ptr="*i64", M2="i32", lnw_ptr=f"*{dname}", lnb_ptr=f"*{dname}",
                              alpha_ptr=f"*{dname}", mean_ptr="*fp32", rstd_ptr="*fp32",
                              a_ptr=f"*{dname}" if write_a else "*fp32", stride_am="i32", M="i32", D="i32",
                              L0="i32", eps="fp32")
-                read = L * M * D * esize
-                written = (L * M * D * esize if write_a else 0) + 2 * L * M * 4
+                layers = 1 if load else L  # the backward launches it once per layer
+                read = layers * M * D * esize + (2 * M * 4 if load else 0)
+                written = (layers * M * D * esize if write_a else 0) + (0 if load else 2 * L * M * 4)
                 entries.append(dict(
                     name=f"merge_normalise/{variant}/{dname}/{shape['name']}/{block_m}x{block_d}w{warps}",
-                    kernel="merge_normalise", variant=variant, dtype=dname, shape=shape["name"],
+                    kernel="merge_normalise", variant="" if load else variant, dtype=dname, shape=shape["name"],
                     config=f"BM={block_m} BD={block_d} warps={warps}", fn=_normalise_kernel,
                     signature=_signature(_normalise_kernel, types, constexprs), constexprs=constexprs,
-                    # M2 = M and the Â row stride L·D + pad are 16-divisible; L0 = 0 is specialised as divisible
+                    # M2 = M and Â's row stride (L·D + pad forward, D backward) are 16-divisible; L0 = 0 is too
+                    # (the backward's L0 = l is not, in general: listed as not divisible)
                     divisible=["h_ptr", "tab_ptr", "M2", "lnw_ptr", "lnb_ptr", "alpha_ptr", "mean_ptr", "rstd_ptr",
-                               "a_ptr", "M", "D", "L0"] + (["stride_am"] if write_a else []),
+                               "a_ptr", "M", "D"] + (["stride_am"] if write_a else []) + ([] if load else ["L0"]),
                     num_warps=warps, num_stages=1, launchable=True, gemm=False,
-                    model=dict(kind="memory", bytes=read + written, ctas=triton.cdiv(M, block_m) * L,
+                    model=dict(kind="memory", bytes=read + written, ctas=triton.cdiv(M, block_m) * layers,
                                bytes_in_flight_per_cta=block_m * D * esize)))
             if dtype not in _FOLDED_DTYPES:
                 continue

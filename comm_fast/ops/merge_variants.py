@@ -115,9 +115,10 @@ def choose(key: str, runners: dict[str, Callable[[], object]], skipped: dict[str
     why_not = "".join(f"; {n} not eligible: {w}" for n, w in skipped.items())
     if len(runners) == 1:
         entry = {"variant": next(iter(runners)), "reason": "the only eligible variant" + why_not}
-    elif not measure:
+    elif not measure or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        why = "Triton interpreter" if not measure else "first seen inside a CUDA graph capture"
         entry = {"variant": next(v for v in VARIANTS if v in runners),
-                 "reason": "not measured (Triton interpreter): the first eligible of " + ", ".join(VARIANTS)}
+                 "reason": f"not measured ({why}): the first eligible of " + ", ".join(VARIANTS)}
     else:
         disk = _load().get(key)
         if isinstance(disk, dict) and disk.get("variant") in runners:

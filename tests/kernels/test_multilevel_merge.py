@@ -233,3 +233,23 @@ def test_offsets_past_2_31(variant, tmp_path, seed, H, poison):
     want = merge_backward(grad, list(dense.unbind(0)), mean, rstd, *params)
     for name, g, w in zip(["dh", "d ln_weight", "d ln_bias", "d weight", "d bias", "d alpha"], got, want):
         assert torch.equal(g, w), name
+
+
+def test_report_entries_follow_the_protocol():
+    shapes = {"merge": [dict(name="clip", M=18432, N=1024, D=1024, L=24), dict(name="dino", M=18432, N=1024,
+                                                                                D=1024, L=6)],
+              "dtypes": ["bf16", "fp16", "fp32"], "tune_configs": None}
+    entries = mm.report_entries(shapes)
+    keys = {"name", "kernel", "variant", "dtype", "shape", "config", "fn", "signature", "constexprs", "divisible",
+            "num_warps", "num_stages", "launchable", "gemm", "model"}
+    assert len({e["name"] for e in entries}) == len(entries)
+    for e in entries:
+        assert keys <= set(e) and e["name"].startswith(e["kernel"] + "/"), e["name"]
+        assert set(e["signature"]) == set(e["fn"].arg_names)
+        assert {k for k, v in e["signature"].items() if v == "constexpr"} == set(e["constexprs"])
+        assert set(e["divisible"]) <= set(e["signature"]) - set(e["constexprs"])
+    gemms = [e for e in entries if e["gemm"]]
+    assert {e["dtype"] for e in gemms} == {"bf16", "fp16"}  # folded is not launched for fp32
+    assert len(gemms) == 2 * 2 * 2 * len(mm._FOLDED_CONFIGS)  # shapes x 16-bit dtypes x ACCUMULATE x configs
+    assert len([e for e in mm.report_entries(dict(shapes, tune_configs=2)) if e["gemm"]]) == 2 * 2 * 2 * 2
+    assert {e["variant"] for e in entries if e["kernel"] == "merge_normalise"} == {"folded", "materialised", ""}
