@@ -56,6 +56,8 @@ def format_info(data: dict) -> str:
                      f"{e['cpu']['reason']} | {e['cuda']['reason']}")
         if e.get("last_used"):
             lines.append(f"{'':<24}last ran: {e['last_used']['backend']} ({e['last_used']['reason']})")
+        for key, v in e.get("variants", {}).items():  # multilevel_merge: the forward variant per shape
+            lines.append(f"{'':<24}variant {v['variant']} for {key}: {v['reason']}")
     return "\n".join(lines)
 
 

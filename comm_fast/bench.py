@@ -221,6 +221,7 @@ class Case:
     # right only where neither rotates its inputs
     check: Callable[[], tuple] | None = None
     check_rule: dict = dataclasses.field(default_factory=dict)  # outputs_agree keywords, e.g. for resamplers
+    notes: list = dataclasses.field(default_factory=list)   # said in the row's note
 
 
 # ----------------------------------------------------------------------------------- cases
@@ -246,6 +247,32 @@ def _merge_inputs(p, device, layers, grad=False):
     return h, params
 
 
+def _merge_variants(h, params, device, shape) -> tuple[dict, list]:
+    """Every forward variant of the merge, each timed on its own (CUDA); on a CPU, where they cannot
+    run, the kernel report's prediction for each, labelled as one (or its absence, said as such)."""
+    from comm_fast.ops import merge_variants
+
+    if device.type == "cuda":
+        from comm_fast.kernels.multilevel_merge import folded_eligible, merge_forward
+
+        layers = list(h.unbind(0))
+        ok, why = folded_eligible(layers)
+        runs = {f"variant {v}": (lambda v=v: merge_forward(layers, *params, 1e-5, v))
+                for v in merge_variants.VARIANTS if v != "folded" or ok}
+        return runs, ([] if ok else [f"variant folded not run: {why}"])
+    try:
+        from comm_fast import kernel_report
+    except ImportError:
+        return {}, ["GPU variants (" + ", ".join(merge_variants.VARIANTS) + "): no prediction, "
+                    "comm_fast.kernel_report is absent"]
+    predict = getattr(kernel_report, "predict_variants", None)
+    if predict is None:
+        return {}, ["GPU variants: no prediction, comm_fast.kernel_report has no predict_variants(op, shape)"]
+    ms = predict("multilevel_merge", shape)  # {variant: predicted ms on the report's target}
+    return {}, ["prediction (comm_fast.kernel_report, not measured): "
+                + ", ".join(f"{v} {t:.3f} ms" for v, t in ms.items())]
+
+
 def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> list[Case]:
     from comm_fast import ops
 
@@ -264,12 +291,13 @@ def build_cases(p: dict, device: torch.device, subjects, cache_bytes: int) -> li
                                          reference.layernorm_weighted_sum(h.unbind(0), lw, lb, a))))
     if "multilevel_merge" in subjects:
         h, (lw, lb, w, b, a) = _merge_inputs(p, device, L)
+        variants, notes = _merge_variants(h, (lw, lb, w, b, a), device, dict(M=M, N=D, D=D, L=L, dtype=dt))
         cases.append(Case("multilevel_merge", f"L={L} M={M} D={D}",
                           lambda: ops.multilevel_merge(h, lw, lb, w, b, a),
                           lambda: reference.multilevel_merge(h.unbind(0), lw, lb, w, b, a),
                           reference.multilevel_merge, (list(h.unbind(0)), lw, lb, w, b, a),
                           bytes=(L * M * D + L * D * D + M * D) * es, flops=2 * M * L * D * D,
-                          op="multilevel_merge"))
+                          op="multilevel_merge", extra=variants, notes=notes))
     if "multilevel_merge_fwd_bwd" in subjects:
         h, params = _merge_inputs(p, device, L, grad=True)
         g = torch.randn(M, D, device=device, dtype=dt)
@@ -515,7 +543,7 @@ def _measure(case: Case, p, device, bw_gbs, tflops, compile_ref) -> dict:
     used = _backend.last_used().get(case.op, before) if case.op else {}
     mismatch = outputs_agree(fused_out, ref_out, **case.check_rule)
     fused_out = ref_out = None
-    note = []
+    note = list(case.notes)
     if mismatch:  # still timed (GPU time is scarce), but the row and the run fail
         mismatch = f"fused output ({used.get('backend', '?')}) differs from the reference's: {mismatch}"
         print(f"comm-fast bench: {case.name}: {mismatch}", file=sys.stderr)

@@ -86,14 +86,9 @@ def _device_table(rows: tuple, device: torch.device) -> torch.Tensor:
     return table
 
 
-def layer_table(layers: list[torch.Tensor]):
-    """(base, table, M2, keep, align): the layers addressed from one base pointer, no stack copy.
-
-    Row m of layer l starts at base + table[l, 0] + (m // M2) * table[l, 1] + (m % M2) * table[l, 2]
-    (int64 table on the layers' device): two row strides cover [B, T, D] with a strided token axis.
-    Leading dims that need more strides are copied (the copies are kept alive in `keep`).
-    align: an element count every row start is a multiple of (for vector loads).
-    """
+def layer_layout(layers: list[torch.Tensor]):
+    """(base, rows, M2, keep, align): layer_table's addressing with the rows as a host tuple
+    ((offset, stride1, stride2) per layer), for launchers that pass a uniform layout as scalars."""
     shape = layers[0].shape[:-1]
     dims = [i for i, n in enumerate(shape) if n != 1]
 
@@ -115,10 +110,21 @@ def layer_table(layers: list[torch.Tensor]):
         delta = x.data_ptr() - base.data_ptr()
         assert delta % esize == 0, "layers of one dtype are element-aligned"
         rows.append((delta // esize, x.stride(outer[-1]) if outer else 0, x.stride(inner[-1]) if inner else 0))
-    table = _device_table(tuple(rows), base.device)
     vec = max(1, 16 // esize)
     ok = base.data_ptr() % 16 == 0 and base.shape[-1] % vec == 0 and all(v % vec == 0 for r in rows for v in r)
-    return base, table, max(m2, 1), layers, (vec if ok else 1)
+    return base, tuple(rows), max(m2, 1), layers, (vec if ok else 1)
+
+
+def layer_table(layers: list[torch.Tensor]):
+    """(base, table, M2, keep, align): the layers addressed from one base pointer, no stack copy.
+
+    Row m of layer l starts at base + table[l, 0] + (m // M2) * table[l, 1] + (m % M2) * table[l, 2]
+    (int64 table on the layers' device): two row strides cover [B, T, D] with a strided token axis.
+    Leading dims that need more strides are copied (the copies are kept alive in `keep`).
+    align: an element count every row start is a multiple of (for vector loads).
+    """
+    base, rows, m2, keep, align = layer_layout(layers)
+    return base, _device_table(rows, base.device), m2, keep, align
 
 
 @triton.jit

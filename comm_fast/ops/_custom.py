@@ -15,8 +15,9 @@ def note(op: str, backend: str, why: str) -> None:
         _REASONS[(op, backend)] = why
 
 
-def ran(op: str, backend: str) -> None:
-    _backend.record(op, backend, _REASONS.get((op, backend), "chosen when the compiled graph was traced"))
+def ran(op: str, backend: str, detail: str = "") -> None:
+    reason = _REASONS.get((op, backend), "chosen when the compiled graph was traced")
+    _backend.record(op, backend, f"{reason}; {detail}" if detail else reason)
 
 
 def register(name: str, impl, fake, mutates_args=()):

@@ -62,11 +62,12 @@ def test_fused_mlp_real_size(seed):
     compare(kernel, ref, [x], params, grad, torch.bfloat16, ["dx", "dw1", "db1", "dw2", "db2"])
     assert _backend.last_used()["fused_mlp"]["backend"] == "triton"
 
-def test_autotuning_ran():
+def test_autotuning_ran(monkeypatch):
     from comm_fast.kernels import fused_mlp, multilevel_merge
+    monkeypatch.setenv("COMM_FAST_MERGE_VARIANT", "folded")
     ops.multilevel_merge(rand(4, 2, 200, 256), *merge_params(4, 256, 256))
     ops.fused_mlp(rand(300, 256), rand(512, 256), rand(512), rand(256, 512), rand(256))
-    for tuner in (multilevel_merge._merge_fwd, fused_mlp._mm):
+    for tuner in (multilevel_merge._folded, fused_mlp._mm):
         assert len(tuner.configs) > 1 and tuner.cache, "several configs benchmarked on the GPU"
 
 
@@ -113,3 +114,20 @@ def test_opcheck_cuda(seed):
                           ([h], True, p[0], p[1], p[4], 1e-5, "triton"))
     torch.library.opcheck(torch.ops.comm_fast.fused_mlp.default,
                           (rand(10, 64).requires_grad_(True), *m, "gelu", True, "triton"))
+
+
+@pytest.mark.parametrize("variant,dtype,tf32", [("folded", torch.bfloat16, False), ("materialised", torch.bfloat16, False),
+                                                ("materialised", torch.float32, True)])
+def test_merge_large_mean(variant, dtype, tf32, seed, monkeypatch):
+    """Rows of mean ±100·std, each variant forced; fp32 with TF32 on (materialised normalises first, so
+    TF32 loses no more than in torch's own fp32 Linear under the same switch)."""
+    monkeypatch.setenv("COMM_FAST_MERGE_VARIANT", variant)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    L, M, D, N = 6, 1000, 1024, 512
+    sign = torch.randint(0, 2, (L, M, 1), device=DEV).double() * 2 - 1
+    h = (torch.randn(L, M, D, device=DEV, dtype=torch.float64) + 100 * sign).to(dtype)
+    params = [p.to(dtype) for p in merge_params(L, D, N)]
+    out = ops.multilevel_merge(h, *params)
+    assert variant in _backend.last_used()["multilevel_merge"]["reason"]
+    r = ref_merge(list(h.double().unbind(0)), *[p.double() for p in params])
+    check("out", out, r, ref_merge(list(h.unbind(0)), *params))

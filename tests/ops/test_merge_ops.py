@@ -1,12 +1,17 @@
 """comm_fast.ops merge ops: the torch (CPU) path against float64 references, backend dispatch and
 recording, input validation, custom-op registration (torch.compile, opcheck)."""
+import json
+import os
+import socket
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import accuracy
 from accuracy import compare, mlp_input, mlp_params, ref_lnws, ref_merge, ref_mlp
 from comm_fast import _backend, ops
-from comm_fast.ops import merge
+from comm_fast.ops import merge, merge_variants
 
 EPS = 1e-5
 
@@ -169,8 +174,9 @@ def test_env_triton_under_interpreter(clean_env):
 def test_describe_shape(clean_env):
     d = merge.describe()
     assert set(d) == {"layernorm_weighted_sum", "multilevel_merge", "fused_mlp"}
+    assert set(d["multilevel_merge"]) == {"cpu", "cuda", "variants"}  # the forward variant chosen per shape
     for entry in d.values():
-        assert set(entry) == {"cpu", "cuda"}
+        assert {"cpu", "cuda"} <= set(entry)
         assert entry["cpu"]["backend"] == "torch" and entry["cpu"]["reason"]
         assert entry["cuda"]["backend"] in ("triton", "torch") and entry["cuda"]["reason"]
 
@@ -308,3 +314,148 @@ def test_autocast_leaves_float64_and_meta_alone(seed, clean_env):
         assert ops.multilevel_merge(h, *params).dtype == torch.float64  # as torch's autocast does
         meta = ops.multilevel_merge(h.to("meta"), *[p.to("meta") for p in params])  # shape inference
     assert meta.shape == (2, 5, 8) and meta.device.type == "meta"
+
+
+# ------------------------------------------------------------------ forward variants
+
+@pytest.fixture
+def variants(clean_env, tmp_path):
+    """No forced variant, an empty disk cache of our own, no in-memory choices (before and after)."""
+    clean_env.delenv(merge_variants.ENV, raising=False)
+    clean_env.setenv("COMM_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    merge_variants.clear()
+    yield clean_env
+    merge_variants.clear()
+
+
+@pytest.mark.parametrize("variant", ["folded", "materialised"])
+def test_forced_variant_runs_and_is_reported(variant, seed, variants, poison):
+    variants.setenv(merge_variants.ENV, variant)
+    h, *params = _merge_inputs(torch.bfloat16)
+    out = ops.multilevel_merge(h, *params, backend="triton")
+    accuracy.check("out", out, ref_merge(list(h.double().unbind(0)), *[p.double() for p in params]),
+                   ref_merge(list(h.unbind(0)), *params))
+    assert f"variant {variant}: forced by COMM_FAST_MERGE_VARIANT" in _backend.last_used()["multilevel_merge"]["reason"]
+
+
+def test_unknown_or_ineligible_variant(variants):
+    variants.setenv(merge_variants.ENV, "on-load")
+    with pytest.raises(ValueError, match=r"COMM_FAST_MERGE_VARIANT: expected one of \('folded', 'materialised'\)"):
+        ops.multilevel_merge(*_merge_inputs(), backend="triton")
+    variants.setenv(merge_variants.ENV, "folded")
+    with pytest.raises(ValueError, match="COMM_FAST_MERGE_VARIANT=folded: that variant cannot run this call: "
+                                         "folded takes 16-bit inputs"):
+        ops.multilevel_merge(*_merge_inputs(torch.float32), backend="triton")
+
+
+def test_interpreter_default_and_info(seed, variants):
+    """Nothing is timed under the interpreter: folded where eligible, else materialised; info says which."""
+    h, *params = _merge_inputs(torch.bfloat16)
+    ops.multilevel_merge(h, *params, backend="triton")
+    ops.multilevel_merge(list(h.float().unbind(0)), *[p.float() for p in params], backend="triton")
+    chosen = merge.describe()["multilevel_merge"]["variants"]
+    assert sorted(v["variant"] for v in chosen.values()) == ["folded", "materialised"]
+    (fp32,) = [v for k, v in chosen.items() if "|float32|" in k]
+    assert "folded not eligible: folded takes 16-bit inputs" in fp32["reason"]
+    assert "not measured" in next(v for k, v in chosen.items() if "|bfloat16|" in k)["reason"]
+
+
+def _fake_runners(calls):
+    return {v: (lambda v=v: calls.append(v)) for v in merge_variants.VARIANTS}
+
+
+def test_measured_choice_cached_in_memory_and_on_disk(variants):
+    """First call: both variants timed, the fastest kept and written atomically; then memory; then disk."""
+    calls, timed = [], []
+    fake = {"folded": 2.0, "materialised": 1.0}
+
+    def fake_time(fn, device):
+        fn()
+        timed.append(calls[-1])
+        return fake[calls[-1]]
+
+    variants.setattr(merge_variants, "time_ms", fake_time)
+    dev = torch.device("cpu")
+    assert merge_variants.choose("k1", _fake_runners(calls), {}, dev, measure=True)[0] == "materialised"
+    assert sorted(timed) == ["folded", "materialised"]
+    path = merge_variants.cache_path()
+    assert path.startswith(os.environ["COMM_FAST_CACHE_DIR"])
+    assert json.load(open(path))["k1"] == {"variant": "materialised", "times_ms": fake}
+    assert os.listdir(os.path.dirname(path)) == ["merge_variants.json"]  # no temporary file left behind
+    fake.update(folded=0.5)
+    assert merge_variants.choose("k1", _fake_runners(calls), {}, dev, measure=True)[0] == "materialised"  # memory
+    merge_variants.clear()
+    variant, why = merge_variants.choose("k1", _fake_runners(calls), {}, dev, measure=True)
+    assert (variant, len(timed)) == ("materialised", 2) and "cached in" in why  # from disk, not timed again
+    assert merge_variants.choose("k2", _fake_runners(calls), {}, dev, measure=True)[0] == "folded"  # a new key
+    assert set(json.load(open(path))) == {"k1", "k2"}
+    runners = _fake_runners(calls)
+    del runners["folded"]  # one eligible variant: nothing timed
+    assert merge_variants.choose("k3", runners, {"folded": "table layout"}, dev, measure=True) == (
+        "materialised", "the only eligible variant; folded not eligible: table layout")
+    assert len(timed) == 4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_choice(rank, port, cache, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), COMM_FAST_CACHE_DIR=f"{cache}/{rank}")
+    os.environ.pop(merge_variants.ENV, None)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        calls = []
+        prefer = "folded" if rank == 0 else "materialised"  # the ranks' timings disagree
+        merge_variants.time_ms = lambda fn, device: (fn(), 1.0 if calls[-1] == prefer else 2.0)[1]
+        results[rank] = merge_variants.choose("k", _fake_runners(calls), {}, torch.device("cpu"), measure=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_ranks_take_rank_0s_choice(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_choice, args=(_free_port(), str(tmp_path), results), nprocs=2, join=True)
+        got = dict(results)
+    assert got[0][0] == got[1][0] == "folded"
+    assert "rank 0's choice" in got[1][1] and "rank 0's choice" not in got[0][1]
+    assert os.path.exists(tmp_path / "0" / "merge_variants.json") and not os.path.exists(tmp_path / "1")
+
+
+def test_bench_merge_variants_on_cpu(monkeypatch):
+    """On a CPU the bench times no GPU variant: it prints the report's prediction, labelled as one, or says
+    that there is none."""
+    import sys
+    import types
+
+    from comm_fast import bench
+
+    h, *params = _merge_inputs()
+    shape = dict(M=3, N=4, D=8, L=2, dtype=torch.float32)
+    monkeypatch.setitem(sys.modules, "comm_fast.kernel_report", None)  # absent: import fails
+    runs, notes = bench._merge_variants(h, params, torch.device("cpu"), shape)
+    assert runs == {} and notes == ["GPU variants (folded, materialised): no prediction, "
+                                    "comm_fast.kernel_report is absent"]
+    report = types.ModuleType("comm_fast.kernel_report")
+    report.predict_variants = lambda op, s: {"folded": 1.25, "materialised": 1.5} if s == shape else {}
+    monkeypatch.setitem(sys.modules, "comm_fast.kernel_report", report)
+    assert bench._merge_variants(h, params, torch.device("cpu"), shape)[1] == [
+        "prediction (comm_fast.kernel_report, not measured): folded 1.250 ms, materialised 1.500 ms"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_merge_gradcheck_float64(backend, stacked, seed, variants, monkeypatch):
+    """The op end to end (custom op, autograd registration, backward op). gradcheck perturbs through .data,
+    which bumps no version counter: the derived-weight cache of the Triton path is off here."""
+    from comm_fast.kernels import multilevel_merge as kernels
+
+    monkeypatch.setattr(kernels, "_derived", lambda kind, tensors, dtype, build: build())
+    L, D, N = 2, 5, 3
+    h = [rand(L, 3, D).requires_grad_(True)] if stacked else [rand(3, D).requires_grad_(True) for _ in range(L)]
+    params = [p.requires_grad_(True) for p in merge_params(L, D, N, torch.float64)]
+    fn = lambda *t: ops.multilevel_merge(t[0] if stacked else list(t[:L]), *t[-5:], backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (*h, *params), eps=1e-6, atol=1e-7, fast_mode=True)
