@@ -160,15 +160,14 @@ def part2_rest(out, variants) -> list[Step]:
 
 
 def merge_variants() -> tuple[list[str], str]:
-    """The merge variants the op offers (``comm_fast.ops.merge.MERGE_VARIANTS``, each a value of
+    """The merge variants the op offers (``comm_fast.ops.merge_variants.VARIANTS``, each a value of
     COMM_FAST_MERGE_VARIANT), and where the list came from."""
     sys.path.insert(0, ROOT)
-    from comm_fast.ops import merge
-
-    variants = getattr(merge, "MERGE_VARIANTS", None)
-    if not variants:
-        return [], "comm_fast.ops.merge offers no MERGE_VARIANTS: one merge path, measured as it is"
-    return [str(v) for v in variants], "comm_fast.ops.merge.MERGE_VARIANTS"
+    try:
+        from comm_fast.ops import merge_variants as mv
+    except ImportError as exc:
+        return [], f"comm_fast.ops.merge_variants does not import ({exc}): one merge path, measured as it is"
+    return [str(v) for v in mv.VARIANTS], "comm_fast.ops.merge_variants.VARIANTS"
 
 
 # ------------------------------------------------------------------------------------- running
