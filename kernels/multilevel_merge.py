@@ -263,3 +263,91 @@ def merge_backward(grad, layers, mean, rstd, ln_weight, ln_bias, weight, bias, a
     d_ln_bias = (a[:, None] * q).to(ln_bias.dtype)
     d_alpha = ((ln_weight.to(acc) * p).sum(1) + (ln_bias.to(acc) * q).sum(1) + bias.to(acc) @ s).to(alpha.dtype)
     return dh, d_ln_weight, d_ln_bias, d_weight, d_bias, d_alpha
+
+
+# --- kernel report ---
+
+
+def _report_dot_args(dtype: str, precision):
+    """The ACC / DOT_ACC / PRECISION constexprs _dot_args gives a CUDA launch in this dtype."""
+    return dict(ACC=tl.float32, DOT_ACC=dtype == "fp32", PRECISION=precision or "ieee")
+
+
+def report_entries(shapes: dict) -> list[dict]:
+    """Every kernel x config x dtype the CUDA path of this module can launch, at these shapes.
+
+    Layout: the tower's one [L, B, T+1, D] buffer viewed without the CLS token, so the layer table
+    has two row strides (M2 = T) and every row offset is a multiple of 16 bytes; parameters in the
+    hidden states' dtype (autocast casts them so). Forward = stats + GEMM; backward = dW, dg, LN backward.
+    """
+    from comm_fast import kernel_report as kr
+
+    P = kr.ptr
+    tune = shapes.get("tune_configs")
+    out = []
+    for s in shapes["merge"]:
+        M, N, D, L, T = s["M"], s["N"], s["D"], s["L"], s["T"]
+        for dt in shapes["dtypes"]:
+            es = kr.ESIZE[dt]
+            align = 16 // es if D % (16 // es) == 0 else 1
+            stats = 2 * L * M * 4
+            common = dict(dtype=dt, shape=s["name"])
+            with kr.gpu_launch_rules():
+                block_m, block_d, _, warps = row_config(D, M)
+                bm_b, bd_b, iters, warps_b = row_config(D, M, backward=True)
+            cx = dict(BLOCK_M=block_m, BLOCK_D=block_d, ALIGN=align, ACC=tl.float32)
+            out.append(kr.entry(
+                kernel="merge_stats", variant="", fn=_stats_kernel, config=dict(BLOCK_M=block_m, BLOCK_D=block_d),
+                args=dict(h_ptr=P(dt), tab_ptr=P("i64"), M2=T, mean_ptr=P("fp32"), rstd_ptr=P("fp32"), M=M, D=D,
+                          eps=1e-5),
+                constexprs=cx, num_warps=warps, num_stages=3, gemm=False,
+                model=kr.memory_model(L * M * D * es + stats, triton.cdiv(M, block_m) * L, block_m * block_d * es),
+                **common))
+            cx = dict(BLOCK_M=bm_b, BLOCK_D=bd_b, ITERS=iters, ALIGN=align, ACC=tl.float32, HAS_SCALE=False,
+                      HAS_STATS=True, STORE_DH=True, PARTIALS=False)
+            out.append(kr.entry(
+                kernel="ln_bwd", variant="merge", fn=ln_backward_kernel,
+                config=dict(BLOCK_M=bm_b, BLOCK_D=bd_b, ITERS=iters),
+                args=dict(h_ptr=P(dt), tab_ptr=P("i64"), M2=T, g_ptr=P(dt), stride_gl=M * D, scale_ptr=P(dt),
+                          mean_ptr=P("fp32"), rstd_ptr=P("fp32"), dh_ptr=P(dt), s1_ptr=P(dt), M=M, D=D, L=L, eps=0.0),
+                constexprs=cx, num_warps=warps_b, num_stages=3, gemm=False,
+                model=kr.memory_model(3 * L * M * D * es + stats, triton.cdiv(M, bm_b * iters), 2 * bm_b * bd_b * es,
+                                      L * iters),
+                **common))
+            for prec in kr.dot_precisions(dt):
+                dot = _report_dot_args(dt, prec)
+                for cfg in kr.tuned(_GEMM_CONFIGS, tune):
+                    k = cfg.kwargs
+                    out.append(kr.entry(
+                        kernel="merge_fwd", variant="on-load", fn=_merge_fwd_kernel, config=k, precision=prec,
+                        args=dict(h_ptr=P(dt), tab_ptr=P("i64"), M2=T, mean_ptr=P("fp32"), rstd_ptr=P("fp32"),
+                                  lnw_ptr=P(dt), lnb_ptr=P(dt), alpha_ptr=P(dt), w_ptr=P(dt), bsum_ptr=P("fp32"),
+                                  out_ptr=P(dt), M=M, N=N, D=D, L=L, stride_wl=N * D, stride_wn=D),
+                        constexprs=dict(k, ALIGN=align, **dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        gemm=True, model=kr.gemm_model(M, N, L * D, k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"],
+                                                       (M * L * D + L * N * D + M * N) * es + stats),
+                        **common))
+                    out.append(kr.entry(
+                        kernel="merge_dg", variant="", fn=_merge_dg_kernel, config=k, precision=prec,
+                        args=dict(dy_ptr=P(dt), w_ptr=P(dt), lnw_ptr=P(dt), alpha_ptr=P(dt), g_ptr=P(dt), M=M, N=N,
+                                  D=D, L=L, stride_wl=N * D, stride_wn=D),
+                        constexprs=dict(k, **dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages, gemm=True,
+                        # g [L, M, D]: output M x (L·D) in BLOCK_M x BLOCK_K tiles, reduction over N in BLOCK_N
+                        model=kr.gemm_model(M, L * D, N, k["BLOCK_M"], k["BLOCK_K"], k["BLOCK_N"],
+                                            (M * N + L * N * D + L * M * D) * es),
+                        **common))
+                for cfg in kr.tuned(_DW_CONFIGS, tune):
+                    k = dict(cfg.kwargs, BLOCK_N=128)  # _DW_BLOCK_N on a GPU
+                    out.append(kr.entry(
+                        kernel="merge_dw", variant="", fn=_merge_dw_kernel, config=k, precision=prec,
+                        args=dict(dy_ptr=P(dt), h_ptr=P(dt), tab_ptr=P("i64"), M2=T, mean_ptr=P("fp32"),
+                                  rstd_ptr=P("fp32"), lnw_ptr=P(dt), lnb_ptr=P(dt), alpha_ptr=P(dt), w_ptr=P(dt),
+                                  s_ptr=P("fp32"), dw_ptr=P(dt), p_ptr=P("fp32"), q_ptr=P("fp32"), M=M, N=N, D=D, L=L,
+                                  stride_wl=N * D, stride_wn=D),
+                        constexprs=dict(k, ALIGN=align, **dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        gemm=True,
+                        # G̃ = dYᵀ x̂: output N x (L·D) in BLOCK_N x BLOCK_K tiles, reduction over M in BLOCK_M
+                        model=kr.gemm_model(N, L * D, M, k["BLOCK_N"], k["BLOCK_K"], k["BLOCK_M"],
+                                            (M * N + M * L * D + 2 * L * N * D) * es + stats),
+                        **common))
+    return out
