@@ -156,6 +156,9 @@ def test_parse_ttgir_pipelined_ss():
     assert got["dots"] == [{"op": "ttng.warp_group_dot", "form": "SS", "a_buffers": 3, "a_source": "smem",
                             "b_buffers": 3, "b_source": "smem"}]
     assert got["async_waits"] == [2] and got["dot_pendings"] == [1]  # the waits after the loop are not counted
+    one = kr.parse_ttgir(TTGIR_PIPELINED.replace("3x64x128xbf16, #shared1, #smem, mutable> loc(#loc2)",
+                                                 "64x128xbf16, #shared1, #smem, mutable> loc(#loc2)"))
+    assert one["dots"][0]["b_buffers"] == 1  # an allocation without a leading buffer dimension is one buffer
 
 
 def test_parse_ttgir_single_buffer_drain_rs():
