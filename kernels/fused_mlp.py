@@ -174,3 +174,55 @@ class FusedMLP(torch.autograd.Function):
         x, pre, w1, w2 = ctx.saved_tensors
         dx, dw1, db1, dw2, db2 = mlp_backward(grad, x, pre, w1, w2, ctx.activation, ctx.needs_input_grad[0])
         return dx, dw1, db1.to(ctx.bias_dtypes[0]), dw2, db2.to(ctx.bias_dtypes[1]), None
+
+
+# --- kernel report ---
+
+
+def report_entries(shapes: dict) -> list[dict]:
+    """Every product x config x dtype the CUDA path of this module launches, at these shapes.
+
+    x [M, K] contiguous, w1 [H, K], w2 [N, H] (nn.Linear), all in x's dtype. Unit strides are passed
+    as 1, which the runtime turns into constants. dW1 and dW2 have the same strides pattern (one compile)."""
+    from comm_fast import kernel_report as kr
+    from comm_fast.kernels.multilevel_merge import _report_dot_args
+
+    P = kr.ptr
+    tune = shapes.get("tune_configs")
+    out = []
+    for s in shapes["mlp"]:
+        M, K, H, N = s["M"], s["K"], s["H"], s["N"]
+        act = ACTIVATIONS[s["activation"]]
+        for dt in shapes["dtypes"]:
+            es = kr.ESIZE[dt]
+            # (variant, M', N', K', strides am ak bk bn, EPI, STORE_AUX, HBM bytes in elements)
+            products = [
+                ("fc1", M, H, K, (K, 1, 1, K), EPI_BIAS_ACT, True, M * K + H * K + 2 * M * H),
+                ("fc1-infer", M, H, K, (K, 1, 1, K), EPI_BIAS_ACT, False, M * K + H * K + M * H),
+                ("fc2", M, N, H, (H, 1, 1, H), EPI_BIAS, False, M * H + N * H + M * N),
+                ("dact", M, H, N, (N, 1, H, 1), EPI_DACT, True, M * N + N * H + 3 * M * H),
+                ("dw2", N, H, M, (1, N, H, 1), EPI_NONE, False, M * N + M * H + N * H),
+                ("dw1", H, K, M, (1, H, K, 1), EPI_NONE, False, M * H + M * K + H * K),
+                ("dx", M, K, H, (H, 1, K, 1), EPI_NONE, False, M * H + H * K + M * K),
+            ]
+            # the model's activation in every config; the other activations (an epilogue choice) in the first
+            jobs = [(v, act, kr.tuned(_GEMM_CONFIGS, tune)) for v in products]
+            jobs += [((f"{v[0]}-{name}",) + v[1:], code, _GEMM_CONFIGS[:1]) for v in products
+                     if v[5] in (EPI_BIAS_ACT, EPI_DACT) for name, code in ACTIVATIONS.items()
+                     if code != act and dt == "bf16"]
+            for prec in kr.dot_precisions(dt):
+                dot = _report_dot_args(dt, prec)
+                for (variant, m, n, k, (sam, sak, sbk, sbn), epi, aux, elems), act_code, cfgs in jobs:
+                    for cfg in cfgs:
+                        c = cfg.kwargs
+                        out.append(kr.entry(
+                            kernel="mlp_mm", variant=variant, dtype=dt, shape=s["name"], fn=_mm_kernel, config=c,
+                            precision=prec,
+                            args=dict(a_ptr=P(dt), b_ptr=P(dt), c_ptr=P(dt), bias_ptr=P(dt), aux_ptr=P(dt),
+                                      aux2_ptr=P(dt), M=m, N=n, K=k, stride_am=sam, stride_ak=sak, stride_bk=sbk,
+                                      stride_bn=sbn),
+                            constexprs=dict(c, EPI=epi, ACT=act_code, STORE_AUX=aux, **dot), num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages, gemm=True,
+                            model=kr.gemm_model(m, n, k, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], elems * es),
+                            ))
+    return out

@@ -180,3 +180,52 @@ class LayerNormWeightedSum(torch.autograd.Function):
         need_h = any(ctx.needs_input_grad[4:])
         dh, dw, db, da = lnws_backward(grad, layers, ln_weight, ln_bias, alpha, ctx.eps, need_h)
         return (dw, db, da, None, *(dh.unbind(0) if need_h else [None] * len(layers)))
+
+
+# --- kernel report ---
+
+
+def report_entries(shapes: dict) -> list[dict]:
+    """Every kernel x config x dtype the CUDA path of this module can launch, at these shapes.
+
+    Layout: the tower's one [L, B, T+1, D] buffer viewed without the CLS token (two row strides,
+    M2 = T, 16-byte aligned rows); parameters in the hidden states' dtype. The backward runs with
+    and without dh (need_h)."""
+    from comm_fast import kernel_report as kr
+
+    P = kr.ptr
+    out = []
+    for s in shapes["lnws"]:
+        M, D, L, T = s["M"], s["D"], s["L"], s["T"]
+        for dt in shapes["dtypes"]:
+            es = kr.ESIZE[dt]
+            align = 16 // es if D % (16 // es) == 0 else 1
+            common = dict(dtype=dt, shape=s["name"])
+            with kr.gpu_launch_rules():
+                block_m, block_d, _, warps = row_config(D, M)
+                bm_b, bd_b, iters, warps_b = row_config(D, M, backward=True)
+            out.append(kr.entry(
+                kernel="lnws_fwd", variant="", fn=_lnws_fwd_kernel, config=dict(BLOCK_M=block_m, BLOCK_D=block_d),
+                args=dict(h_ptr=P(dt), tab_ptr=P("i64"), M2=T, w_ptr=P(dt), b_ptr=P(dt), alpha_ptr=P(dt),
+                          out_ptr=P(dt), M=M, D=D, L=L, eps=1e-5),
+                constexprs=dict(BLOCK_M=block_m, BLOCK_D=block_d, ALIGN=align, ACC=tl.float32),
+                num_warps=warps, num_stages=3, gemm=False,
+                # one [BLOCK_M, BLOCK_D] tile of one layer in flight at a time
+                model=kr.memory_model((L + 1) * M * D * es, triton.cdiv(M, block_m), block_m * block_d * es, L),
+                **common))
+            for need_h in (True, False):
+                grid = triton.cdiv(M, bm_b * iters)
+                out.append(kr.entry(
+                    kernel="ln_bwd", variant="lnws" if need_h else "lnws-no-dh", fn=ln_backward_kernel,
+                    config=dict(BLOCK_M=bm_b, BLOCK_D=bd_b, ITERS=iters),
+                    args=dict(h_ptr=P(dt), tab_ptr=P("i64"), M2=T, g_ptr=P(dt), stride_gl=0, scale_ptr=P("fp32"),
+                              mean_ptr=P("fp32"), rstd_ptr=P("fp32"), dh_ptr=P(dt if need_h else "fp32"),
+                              s1_ptr=P("fp32"), M=M, D=D, L=L, eps=1e-5),
+                    constexprs=dict(BLOCK_M=bm_b, BLOCK_D=bd_b, ITERS=iters, ALIGN=align, ACC=tl.float32,
+                                    HAS_SCALE=True, HAS_STATS=False, STORE_DH=need_h, PARTIALS=True),
+                    num_warps=warps_b, num_stages=3, gemm=False,
+                    # per layer: h and dy read (dy again for every layer), dh written
+                    model=kr.memory_model(((3 if need_h else 2) * L * M * D) * es + grid * L * D * 4, grid,
+                                          2 * bm_b * bd_b * es, L * iters),
+                    **common))
+    return out
