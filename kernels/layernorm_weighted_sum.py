@@ -140,7 +140,7 @@ def row_config(D: int, M: int, backward: bool = False, partials: bool = False, l
         block_m = max(1, min(32, 2 * 32 * per_thread // block_d))
         return block_m, block_d, 1, max(1, min(16, block_m * block_d // (32 * per_thread)))
     block_m = max(1, min(32, 4096 // block_d))
-    warps = min(16, max(4, block_m * block_d // 1024))
+    warps = min(16, max(8, block_m * block_d // 512))  # 16 elements per thread (4 warps spill in fp32)
     iters = 1
     if partials:
         groups = triton.cdiv(32 * (sms or sm_count()), layers)
@@ -229,28 +229,58 @@ class LayerNormWeightedSum(torch.autograd.Function):
 
 _TL_NAMES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 _ESIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
-_ACC_TL = tl.float32
+# Little's law for the model: bytes in flight = bandwidth x latency. Copy bandwidth measured on the H200;
+# loaded HBM latency assumed 1 us (unloaded ~0.6 us on Hopper; queueing near peak adds to it).
+COPY_BYTES_PER_S = 4.3e12
+LOADED_LATENCY_S = 1e-6
 
 
 def report_entries(shapes: dict) -> list[dict]:
-    """Every kernel x config x dtype the CUDA path of this module can launch, at these shapes."""
+    """Every kernel x config x dtype the CUDA path of this module can launch, at these shapes: the forward
+    and the LN-sum backward (ln_backward_kernel with partials, with and without dh)."""
+    needed = round(COPY_BYTES_PER_S * LOADED_LATENCY_S / DEFAULT_SMS)  # per SM, to reach copy bandwidth
     entries = []
     for shp in shapes["lnws"]:
         M, D, L = shp["M"], shp["D"], shp["L"]
         for dt in shapes["dtypes"]:
             ptr, es = _TL_NAMES[dt], _ESIZE[dt]
-            block_m, block_d, _, warps = row_config(D, M, gpu=True, sms=DEFAULT_SMS, esize=es)
+            ints = dict(M2=M, M=M, D=D, L=L)  # M2 = M: the layers of one [L, B, T, D] buffer
+            divisible = [n for n, v in ints.items() if v % 16 == 0]
+            bm, bd, _, warps = row_config(D, M, gpu=True, sms=DEFAULT_SMS, esize=es)
+            base = dict(dtype=dt, shape=shp["name"], launchable=True, gemm=False, num_stages=1)
             entries.append(dict(
-                name=f"lnws_fwd/{dt}/{shp['name']}/{block_m}x{block_d}w{warps}", kernel="lnws_fwd", variant="",
-                dtype=dt, shape=shp["name"], config=f"BLOCK_M={block_m} BLOCK_D={block_d} warps={warps}",
-                fn=_lnws_fwd_kernel,
+                base, name=f"lnws_fwd/{dt}/{shp['name']}/{bm}x{bd}w{warps}", kernel="lnws_fwd", variant="",
+                config=f"BLOCK_M={bm} BLOCK_D={bd} warps={warps}", fn=_lnws_fwd_kernel,
                 signature=dict(h_ptr=ptr, tab_ptr="*i64", M2="i32", w_ptr=ptr, b_ptr=ptr, alpha_ptr=ptr, out_ptr=ptr,
                                M="i32", D="i32", L="i32", eps="fp32", BLOCK_M="constexpr", BLOCK_D="constexpr",
                                ALIGN="constexpr", ACC="constexpr", EVEN_D="constexpr"),
-                constexprs=dict(BLOCK_M=block_m, BLOCK_D=block_d, ALIGN=16 // es, ACC=_ACC_TL, EVEN_D=D == block_d),
-                divisible=[n for n, v in dict(h_ptr=0, tab_ptr=0, M2=M, w_ptr=0, b_ptr=0, alpha_ptr=0, out_ptr=0,
-                                              M=M, D=D, L=L).items() if v % 16 == 0],
-                num_warps=warps, num_stages=1, launchable=True, gemm=False,
-                model=dict(kind="memory", bytes=(L + 1) * M * D * es, ctas=triton.cdiv(M, block_m),
-                           bytes_in_flight_per_cta=block_m * D * es)))
+                constexprs=dict(BLOCK_M=bm, BLOCK_D=bd, ALIGN=16 // es, ACC=tl.float32, EVEN_D=D == bd),
+                divisible=["h_ptr", "tab_ptr", "w_ptr", "b_ptr", "alpha_ptr", "out_ptr"] + divisible,
+                num_warps=warps,
+                model=dict(kind="memory", bytes=(L + 1) * M * D * es, ctas=triton.cdiv(M, bm),
+                           bytes_in_flight_per_cta=bm * D * es, bytes_in_flight_per_sm_needed=needed)))
+            bm, bd, iters, warps = row_config(D, M, backward=True, partials=True, layers=L, gpu=True,
+                                              sms=DEFAULT_SMS)
+            groups = triton.cdiv(M, bm * iters)
+            for store_dh in (True, False):
+                variant = "lnws" if store_dh else "lnws/params-only"
+                entries.append(dict(
+                    base, name=f"ln_backward/{variant}/{dt}/{shp['name']}/{bm}x{bd}i{iters}w{warps}",
+                    kernel="ln_backward", variant=variant,
+                    config=f"BLOCK_M={bm} BLOCK_D={bd} ITERS={iters} warps={warps} grid={groups}x{L}",
+                    fn=ln_backward_kernel,
+                    signature=dict(h_ptr=ptr, tab_ptr="*i64", M2="i32", g_ptr=ptr, stride_gl="i32",
+                                   scale_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
+                                   dh_ptr=ptr if store_dh else "*fp32", s1_ptr="*fp32", M="i32", D="i32", L="i32",
+                                   eps="fp32", **{n: "constexpr" for n in (
+                                       "BLOCK_M", "BLOCK_D", "ITERS", "ALIGN", "ACC", "HAS_SCALE", "HAS_STATS",
+                                       "STORE_DH", "PARTIALS")}),
+                    constexprs=dict(BLOCK_M=bm, BLOCK_D=bd, ITERS=iters, ALIGN=16 // es, ACC=tl.float32,
+                                    HAS_SCALE=True, HAS_STATS=False, STORE_DH=store_dh, PARTIALS=True),
+                    divisible=["h_ptr", "tab_ptr", "g_ptr", "stride_gl", "scale_ptr", "mean_ptr", "rstd_ptr",
+                               "dh_ptr", "s1_ptr"] + divisible,  # stride_gl = 0
+                    num_warps=warps,
+                    model=dict(kind="memory", bytes=(2 + store_dh) * L * M * D * es + 2 * groups * L * D * 4,
+                               ctas=groups * L, bytes_in_flight_per_cta=2 * bm * D * es,
+                               bytes_in_flight_per_sm_needed=needed)))
     return entries

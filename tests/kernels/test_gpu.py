@@ -63,10 +63,12 @@ def test_fused_mlp_real_size(seed):
     assert _backend.last_used()["fused_mlp"]["backend"] == "triton"
 
 def test_autotuning_ran():
-    from comm_fast.kernels import fused_mlp, multilevel_merge
+    from comm_fast.kernels import _utils, fused_mlp, multilevel_merge
     ops.multilevel_merge(rand(4, 2, 200, 256), *merge_params(4, 256, 256))
     ops.fused_mlp(rand(300, 256), rand(512, 256), rand(512), rand(256, 512), rand(256))
-    for tuner in (multilevel_merge._merge_fwd, fused_mlp._mm):
+    fp32 = torch.float32
+    mlp = fused_mlp._TUNERS[fused_mlp._configs(fp32, fused_mlp.EPI_BIAS_ACT, _utils.dot_precision(fp32))]
+    for tuner in (multilevel_merge._merge_fwd, mlp):
         assert len(tuner.configs) > 1 and tuner.cache, "several configs benchmarked on the GPU"
 
 
