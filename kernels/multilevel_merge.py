@@ -328,16 +328,17 @@ def merge_backward(grad, layers, mean, rstd, ln_weight, ln_bias, weight, bias, a
             torch.mm(dy.t(), a_l, out=d_weight[l])
         base, table, m2, keep, align = _utils.layer_table(layers)
         scale = (a[:, None] * ln_weight.to(acc)).contiguous()
-        block_m, block_d, iters, warps = row_config(D, M, backward=True)
-        grid = triton.cdiv(M, block_m * iters)
         chunk = L if need_h else 1  # without dh, u_l = dY W_l lives one layer at a time
+        block_m, block_d, iters, warps = row_config(D, M, backward=True, partials=True, layers=chunk,
+                                                    esize=dtype.itemsize)
+        grid = triton.cdiv(M, block_m * iters)
         u = dh.view(L, M, D) if need_h else _utils.empty((1, M, D), dtype, dev)
         p = torch.empty(L, D, dtype=acc, device=dev)
         for l0 in range(0, L, chunk):
             for j in range(chunk):
                 torch.mm(dy, w[l0 + j], out=u[j])
             s1 = _utils.empty((grid, chunk, D), acc, dev)
-            ln_backward_kernel[(grid,)](
+            ln_backward_kernel[(grid, chunk)](
                 base, table[l0:], m2, u, M * D, scale[l0:], mean[l0:], rstd[l0:], u, s1, M, D, chunk, 0.0,
                 BLOCK_M=block_m, BLOCK_D=block_d, ITERS=iters, ALIGN=align, ACC=_utils.acc_dtype(dtype),
                 HAS_SCALE=True, HAS_STATS=True, STORE_DH=need_h, PARTIALS=True, num_warps=warps)

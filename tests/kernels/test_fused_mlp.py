@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from comm_fast.kernels.fused_mlp import FusedMLP, matmul, mlp_backward, mlp_forward
+from comm_fast import reference
+from comm_fast.kernels.fused_mlp import EPI_BIAS_ACT, EPI_DACT, FusedMLP, matmul, mlp_backward, mlp_forward
 
 CASES = [  # leading dims, D1, H, D2, dtype, activation
     ((3, 7), 37, 50, 29, torch.float32, "gelu"),
@@ -50,13 +51,72 @@ def test_pre_activation_saved_not_activation(seed, H):
 
 
 def test_strided_matmul(trans_a, trans_b, seed, H, poison):
+    """Both fused epilogues on column- and row-major operands, float64 against plain torch."""
     a = H.rand(41, 35, dtype=torch.float64)
     b = H.rand(50, 35, dtype=torch.float64) if trans_b else H.rand(35, 50, dtype=torch.float64)
     a_op = a.t().contiguous().t() if trans_a else a  # same values, column-major storage
     b_op = b.t() if trans_b else b
-    out = poison((41, 50), torch.float64, "cpu")
-    matmul(a_op, b_op, out)
-    H.check("a @ b", out, a @ b_op)
+    bias, pre = H.rand(50, dtype=torch.float64), H.rand(41, 50, dtype=torch.float64)
+    out, aux, aux2 = (poison((41, 50), torch.float64, "cpu") for _ in range(3))
+    matmul(a_op, b_op, out, EPI_BIAS_ACT, "gelu", bias=bias, aux=aux)
+    H.check("aux = a @ b + bias", aux, a @ b_op + bias)
+    H.check("gelu(a @ b + bias)", out, reference.activation(a @ b_op + bias, "gelu"))
+    matmul(a_op, b_op, out, EPI_DACT, "gelu_tanh", aux=pre, aux2=aux2)
+    x = pre.clone().requires_grad_(True)
+    f = reference.activation(x, "gelu_tanh")
+    dpre, = torch.autograd.grad(f, x, a @ b_op)
+    H.check("(a @ b) * f'(pre)", out, dpre)
+    H.check("f(pre)", aux2, f.detach())
+
+
+def _huge_buffer(elements, dtype):
+    """Address space far larger than what is touched (pages are mapped lazily: only the rows a test
+    writes and the kernel reads become resident). Skips where it cannot be reserved."""
+    try:
+        return torch.empty(elements, dtype=dtype)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot reserve {elements} elements of address space: {exc}")
+
+
+@pytest.mark.parametrize("operand", ["a", "b"])
+
+
+def test_offsets_past_2_31(operand, seed, H, poison):
+    """Index x stride past 2**31 in either operand along K: row 2 of a [K, N] view with row stride
+    2**31 - 16 starts 2**32 - 32 elements in. 32-bit offset arithmetic wraps that to -32 (zeros here:
+    an untouched page), so the product comes out wrong instead of crashing."""
+    K, N, M = 3, 16, 5
+    stride = 2**31 - 16
+    big = _huge_buffer(64 + 2 * stride + N, torch.float16)
+    view = big.as_strided((K, N), (stride, 1), storage_offset=64)
+    for k in range(K):
+        view[k] = H.rand(N, dtype=torch.float16)
+    other = H.rand(M, K, dtype=torch.float16)
+    if operand == "a":  # a = viewᵀ [N, K] with stride_ak = 2**31 - 16; b [K, M]
+        a, b = view.t(), other.t().contiguous()
+    else:  # b = view [K, N] with stride_bk = 2**31 - 16
+        a, b = other, view
+    bias = torch.zeros(b.shape[1], dtype=torch.float16)
+    out = poison((a.shape[0], b.shape[1]), torch.float16, "cpu")
+    matmul(a, b, out, EPI_BIAS_ACT, "relu", bias=bias)
+    ref = torch.relu(a.double() @ b.double())
+    H.check("relu(a @ b)", out, ref, torch.relu(a.float() @ b.float()).half())
+
+
+def test_bad_inputs(H):
+    x = H.rand(4, 6)
+    w1, b1, w2, b2 = H.mlp_params(6, 8, 3, torch.float32)
+    with pytest.raises(ValueError, match="activation: expected one of .* got 'swish'"):
+        mlp_forward(x, w1, b1, w2, b2, "swish")
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        mlp_backward(H.rand(4, 3), x, H.rand(4, 8), w1, w2, "tanh")
+    out = torch.empty(4, 8)
+    with pytest.raises(ValueError, match="epilogue: expected EPI_BIAS_ACT .* or EPI_DACT .*, got 0"):
+        matmul(x, w1.t(), out, 0)
+    with pytest.raises(ValueError, match="bias: required by EPI_BIAS_ACT"):
+        matmul(x, w1.t(), out, EPI_BIAS_ACT)
+    with pytest.raises(ValueError, match="aux: required by EPI_DACT"):
+        matmul(x, w1.t(), out, EPI_DACT)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu"])

@@ -63,11 +63,13 @@ def test_fused_mlp_real_size(seed):
     assert _backend.last_used()["fused_mlp"]["backend"] == "triton"
 
 def test_autotuning_ran(monkeypatch):
-    from comm_fast.kernels import fused_mlp, multilevel_merge
+    from comm_fast.kernels import _utils, fused_mlp, multilevel_merge
     monkeypatch.setenv("COMM_FAST_MERGE_VARIANT", "folded")
     ops.multilevel_merge(rand(4, 2, 200, 256), *merge_params(4, 256, 256))
     ops.fused_mlp(rand(300, 256), rand(512, 256), rand(512), rand(256, 512), rand(256))
-    for tuner in (multilevel_merge._folded, fused_mlp._mm):
+    dtype = rand(1).dtype
+    mlp = fused_mlp._TUNERS[fused_mlp._configs(dtype, fused_mlp.EPI_BIAS_ACT, _utils.dot_precision(dtype))]
+    for tuner in (multilevel_merge._folded, mlp):
         assert len(tuner.configs) > 1 and tuner.cache, "several configs benchmarked on the GPU"
 
 
