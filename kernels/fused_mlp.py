@@ -262,7 +262,7 @@ def report_entries(shapes: dict) -> list[dict]:
                             tag = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{bk}w{cfg.num_warps}s{cfg.num_stages}"
                             entries.append(dict(
                                 name=f"{kernel}/{variant}/{dt}/{shp['name']}/{tag}", kernel=kernel, variant=variant,
-                                dtype=dt, shape=shp["name"],
+                                dtype=dt, shape=shp["name"], precision=precision if dt == "fp32" else None,
                                 config=f"BM={kw['BLOCK_M']} BN={kw['BLOCK_N']} BK={bk} GM={kw['GROUP_M']} "
                                        f"warps={cfg.num_warps} stages={cfg.num_stages}",
                                 fn=_mm_kernel,
