@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from comm_fast.config import COMMVisionConfig
+from comm_fast.constants import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD  # noqa: F401 (re-exported)
 
 
 def activation(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -68,8 +69,6 @@ def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf", n
     return torch.cat([pos[:, :num_prefix_tokens], grid], dim=1)
 
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def preprocess_image(image: torch.Tensor, size: int, mean, std) -> torch.Tensor:

@@ -52,15 +52,25 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-void run_resample(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw,
-                  const AxisTaps& ty, const AxisTaps& tx) {
+int64_t device_key(const at::Device& d) { return static_cast<int64_t>(d.type()); }
+
+}  // namespace
+
+std::shared_ptr<Tables> crop_tables_for(int64_t h, int64_t w, int64_t S, const at::Device& device) {
+  return cached_tables({Tables::kCrop, device_key(device), device.index(), h, w, S},
+                       [&] { return crop_tables(h, w, S); });
+}
+
+namespace {
+
+void run_resample(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw, Tables& t) {
   if (in.numel() == 0 || out.numel() == 0) return;
   if (in.is_cuda()) {
 #ifdef COMM_FAST_WITH_CUDA
-    resample_cuda(in, out, sw, dh, dw, ty, tx);
+    resample_cuda(in, out, sw, dh, dw, t);
 #endif
   } else {
-    resample_cpu(in, out, sw, dh, dw, ty, tx);
+    resample_cpu(in, out, sw, dh, dw, t);
   }
 }
 
@@ -102,9 +112,12 @@ at::Tensor resample_tokens(const at::Tensor& tokens, int64_t sh, int64_t sw, int
   } else {
     out = at::empty({B, dh * dw, C}, tokens.options());
   }
-  const AxisTaps ty = make_taps(mode, sh, dh, scale_h);
-  const AxisTaps tx = make_taps(mode, sw, dw, scale_w);
-  run_resample(tokens, out, sw, dh, dw, ty, tx);
+  const at::Device d = tokens.device();
+  const std::shared_ptr<Tables> t = cached_tables(
+      {Tables::kResample, device_key(d), d.index(), static_cast<int64_t>(mode), sh, dh, bits_of(scale_h), sw, dw,
+       bits_of(scale_w)},
+      [&] { return resample_tables(mode, sh, dh, scale_h, sw, dw, scale_w); });
+  run_resample(tokens, out, sw, dh, dw, *t);
   return out;
 }
 
@@ -173,26 +186,31 @@ std::tuple<at::Tensor, at::Tensor> joint_preprocess(const std::vector<at::Tensor
     check_device(im, "images");
   }
   const int64_t B = static_cast<int64_t>(images.size());
-  auto make = [&](int64_t S, const std::vector<double>& mean, const std::vector<double>& std) {
-    PreprocOutput o;
-    o.size = S;
-    o.dst = at::empty({B, 3, S, S}, at::TensorOptions().dtype(dtype).device(device));
-    advise_huge_pages(o.dst);
-    // The processors' arithmetic: rescale by 1/255 (float64, stored as float32), then (x - mean) / std.
-    for (int c = 0; c < 3; ++c)
-      for (int v = 0; v < 256; ++v)
-        o.lut[c][v] = (static_cast<float>(v / 255.0) - static_cast<float>(mean[c])) / static_cast<float>(std[c]);
-    return o;
-  };
-  std::vector<PreprocOutput> outs{make(clip_size, clip_mean, clip_std), make(dino_size, dino_mean, dino_std)};
+  PreprocJob job;
+  job.size[0] = clip_size;
+  job.size[1] = dino_size;
+  for (int o = 0; o < 2; ++o) {
+    job.dst[o] = at::empty({B, 3, job.size[o], job.size[o]}, at::TensorOptions().dtype(dtype).device(device));
+    advise_huge_pages(job.dst[o]);
+  }
+  std::array<double, 12> mean_std;
+  for (int c = 0; c < 3; ++c) {
+    mean_std[c] = clip_mean[c];
+    mean_std[3 + c] = clip_std[c];
+    mean_std[6 + c] = dino_mean[c];
+    mean_std[9 + c] = dino_std[c];
+  }
+  TableKey key{Tables::kLut, device_key(device), device.index()};
+  for (int i = 0; i < 12; ++i) key[3 + i] = bits_of(mean_std[i]);
+  job.lut = cached_tables(key, [&] { return lut_tables(mean_std); });
   if (device.is_cuda()) {
 #ifdef COMM_FAST_WITH_CUDA
-    preprocess_cuda(images, outs);
+    preprocess_cuda(images, job);
 #endif
   } else {
-    preprocess_cpu(images, outs);
+    preprocess_cpu(images, job);
   }
-  return {outs[0].dst, outs[1].dst};
+  return {job.dst[0], job.dst[1]};
 }
 
 }  // namespace comm_fast
@@ -209,4 +227,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("joint_preprocess", &comm_fast::joint_preprocess, "uint8 images -> (clip, dino) normalised pixels",
         py::arg("images"), py::arg("clip_size"), py::arg("dino_size"), py::arg("dtype"), py::arg("clip_mean"),
         py::arg("clip_std"), py::arg("dino_mean"), py::arg("dino_std"));
+  m.def(
+      "table_cache_stats",
+      [] {
+        const auto s = comm_fast::table_cache_stats();
+        py::dict d;
+        d["builds"] = s.builds;
+        d["hits"] = s.hits;
+        d["entries"] = s.entries;
+        return d;
+      },
+      "the table cache's counters: builds (misses), hits, entries held");
+  m.def("table_cache_clear", &comm_fast::table_cache_clear, "drop every cached table and reset the counters");
 }

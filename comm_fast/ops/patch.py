@@ -23,15 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from comm_fast import _backend, _ext
+from comm_fast.constants import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD  # noqa: F401 (re-exported)
 from comm_fast.ops._custom import note as _note, ran as _ran, register as _register
 
 POS_EMBED_MODES = ("hf", "dinov2_offset", "antialias")
 RESAMPLE_MODES = ("bilinear", "bicubic", "area")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DINO_MEAN = (0.485, 0.456, 0.406)
-DINO_STD = (0.229, 0.224, 0.225)
 
 _OPS = ("interpolate_pos_embed", "resample_tokens", "joint_preprocess")
 _NATIVE = {"cpu": "cpp", "cuda": "cuda"}  # the extension backend for each device type
