@@ -11,3 +11,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DINO_MEAN = (0.485, 0.456, 0.406)
 DINO_STD = (0.229, 0.224, 0.225)
+
+
+def pad_colour(mean) -> tuple[int, int, int]:
+    """The colour LLaVA-1.5 and Shikra pad images with (expand2square): the mean as uint8, truncated."""
+    return tuple(int(m * 255) for m in mean)

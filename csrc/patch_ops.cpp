@@ -155,13 +155,27 @@ at::Tensor interpolate_pos_embed(const at::Tensor& pos, int64_t sh, int64_t sw, 
   return pos.dim() == 2 ? out.squeeze(0) : out;
 }
 
+// LLaVA-1.5's expand2square: the image centred on a square of its longer side filled with `fill`.
+at::Tensor pad_to_square(const at::Tensor& img, const std::vector<int64_t>& fill) {
+  const int64_t h = img.size(0), w = img.size(1), m = std::max(h, w);
+  if (h == w) return img;
+  at::Tensor out = at::empty({m, m, 3}, img.options());
+  for (int c = 0; c < 3; ++c) out.select(2, c).fill_(fill[c]);
+  out.narrow(0, (m - h) / 2, h).narrow(1, (m - w) / 2, w).copy_(img);
+  return out;
+}
+
 // images: uint8 [H, W, 3] views (any strides, one device). Returns (clip, dino) [B, 3, S, S].
+// clip_fill / dino_fill: empty (resize + center crop) or each encoder's pad colour (3 values in
+// 0..255): pad to a square first, per encoder.
 std::tuple<at::Tensor, at::Tensor> joint_preprocess(const std::vector<at::Tensor>& images, int64_t clip_size,
                                                     int64_t dino_size, at::ScalarType dtype,
                                                     const std::vector<double>& clip_mean,
                                                     const std::vector<double>& clip_std,
                                                     const std::vector<double>& dino_mean,
-                                                    const std::vector<double>& dino_std) {
+                                                    const std::vector<double>& dino_std,
+                                                    const std::vector<int64_t>& clip_fill,
+                                                    const std::vector<int64_t>& dino_fill) {
   TORCH_CHECK(!images.empty(), "images: expected at least one image");
   TORCH_CHECK(clip_size > 0 && dino_size > 0, "clip_size, dino_size: expected positive sizes, got ", clip_size, ", ",
               dino_size);
@@ -172,6 +186,11 @@ std::tuple<at::Tensor, at::Tensor> joint_preprocess(const std::vector<at::Tensor
     TORCH_CHECK(v->size() == 3, "mean/std: expected 3 values per encoder");
   for (double s : clip_std) TORCH_CHECK(s != 0.0, "clip std: must be non-zero");
   for (double s : dino_std) TORCH_CHECK(s != 0.0, "dino std: must be non-zero");
+  TORCH_CHECK(clip_fill.empty() == dino_fill.empty(), "clip_fill, dino_fill: give both pad colours or neither");
+  for (const auto* f : {&clip_fill, &dino_fill}) {
+    TORCH_CHECK(f->empty() || f->size() == 3, "fill: expected 3 values (a pad colour) or none, got ", f->size());
+    for (int64_t v : *f) TORCH_CHECK(v >= 0 && v <= 255, "fill: expected values in 0..255, got ", v);
+  }
   const auto device = images[0].device();
   for (size_t i = 0; i < images.size(); ++i) {
     const auto& im = images[i];
@@ -203,12 +222,27 @@ std::tuple<at::Tensor, at::Tensor> joint_preprocess(const std::vector<at::Tensor
   TableKey key{Tables::kLut, device_key(device), device.index()};
   for (int i = 0; i < 12; ++i) key[3 + i] = bits_of(mean_std[i]);
   job.lut = cached_tables(key, [&] { return lut_tables(mean_std); });
-  if (device.is_cuda()) {
+  const auto run = [&](const std::vector<at::Tensor>& imgs) {
+    if (device.is_cuda()) {
 #ifdef COMM_FAST_WITH_CUDA
-    preprocess_cuda(images, job);
+      preprocess_cuda(imgs, job);
 #endif
+    } else {
+      preprocess_cpu(imgs, job);
+    }
+  };
+  if (clip_fill.empty()) {
+    run(images);
   } else {
-    preprocess_cpu(images, job);
+    // The two encoders' pad colours differ, so each output gets its own padded images and resize.
+    const std::vector<int64_t>* fills[2] = {&clip_fill, &dino_fill};
+    for (int o = 0; o < 2; ++o) {
+      std::vector<at::Tensor> padded;
+      padded.reserve(images.size());
+      for (const auto& im : images) padded.push_back(pad_to_square(im, *fills[o]));
+      job.only = o;
+      run(padded);
+    }
   }
   return {job.dst[0], job.dst[1]};
 }
@@ -226,7 +260,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_prefix_tokens"));
   m.def("joint_preprocess", &comm_fast::joint_preprocess, "uint8 images -> (clip, dino) normalised pixels",
         py::arg("images"), py::arg("clip_size"), py::arg("dino_size"), py::arg("dtype"), py::arg("clip_mean"),
-        py::arg("clip_std"), py::arg("dino_mean"), py::arg("dino_std"));
+        py::arg("clip_std"), py::arg("dino_mean"), py::arg("dino_std"), py::arg("clip_fill") = std::vector<int64_t>{},
+        py::arg("dino_fill") = std::vector<int64_t>{});
   m.def(
       "table_cache_stats",
       [] {

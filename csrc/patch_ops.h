@@ -16,8 +16,10 @@ struct PreprocJob {
   at::Tensor dst[2];
   int64_t size[2];
   std::shared_ptr<Tables> lut;
+  int only = -1;  // >= 0: compute that output alone (padded images differ per encoder)
   // The resizes to run: {output, whether output 1 shares it}.
   std::vector<std::pair<int, bool>> groups() const {
+    if (only >= 0) return {{only, false}};
     if (size[0] == size[1]) return {{0, true}};
     return {{0, false}, {1, false}};
   }

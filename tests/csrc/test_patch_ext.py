@@ -137,6 +137,12 @@ def test_dinov2_offset_differs_from_size_based():
                                 [0] * 3, [1] * 3),
     lambda: _C.joint_preprocess([torch.zeros(4, 4, 3, dtype=torch.uint8)], 0, 8, torch.float32, [0] * 3, [1] * 3,
                                 [0] * 3, [1] * 3),
+    lambda: _C.joint_preprocess([torch.zeros(4, 6, 3, dtype=torch.uint8)], 8, 8, torch.float32, [0] * 3, [1] * 3,
+                                [0] * 3, [1] * 3, [1, 2], [1, 2, 3]),
+    lambda: _C.joint_preprocess([torch.zeros(4, 6, 3, dtype=torch.uint8)], 8, 8, torch.float32, [0] * 3, [1] * 3,
+                                [0] * 3, [1] * 3, [1, 2, 3], []),
+    lambda: _C.joint_preprocess([torch.zeros(4, 6, 3, dtype=torch.uint8)], 8, 8, torch.float32, [0] * 3, [1] * 3,
+                                [0] * 3, [1] * 3, [1, 2, 256], [1, 2, 3]),
 ])
 def test_extension_rejects_bad_arguments(call):
     with pytest.raises((RuntimeError, ValueError)):
@@ -348,11 +354,12 @@ def test_cuda_joint_preprocess_matches_cpu(seed, sizes):
     rng = np.random.default_rng(seed)
     images = [torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in MIXED_SIZES]
     args = (torch.float32, *published())
-    cpu = _C.joint_preprocess(images, *sizes, *args)
-    gpu = _C.joint_preprocess([im.cuda() for im in images], *sizes, *args)
-    for a, b in zip(gpu, cpu):
-        assert a.is_cuda
-        torch.testing.assert_close(a.cpu(), b, atol=1e-6, rtol=0)
+    for fills in ((), ((122, 116, 104), (123, 116, 103))):  # crop, and pad to a square
+        cpu = _C.joint_preprocess(images, *sizes, *args, *fills)
+        gpu = _C.joint_preprocess([im.cuda() for im in images], *sizes, *args, *fills)
+        for a, b in zip(gpu, cpu):
+            assert a.is_cuda
+            torch.testing.assert_close(a.cpu(), b, atol=1e-6, rtol=0)
     batch = torch.from_numpy(rng.integers(0, 256, (4, 3, 120, 90), dtype=np.uint8))
     cpu = _C.joint_preprocess([x.permute(1, 2, 0) for x in batch], *sizes, *args)
     gpu = _C.joint_preprocess([x.permute(1, 2, 0) for x in batch.cuda()], *sizes, *args)

@@ -239,16 +239,62 @@ def _photo_like(rng, h, w):
     return (x + torch.from_numpy(rng.normal(0, 4, (h, w, 3))).float()).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def _expand2square(image: np.ndarray, colour) -> np.ndarray:
+    """LLaVA-1.5's expand2square, as its code writes it, on PIL images."""
+    from PIL import Image
+
+    pil_img = Image.fromarray(image)
+    width, height = pil_img.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(pil_img.mode, (side, side), colour)
+    result.paste(pil_img, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
+    return np.asarray(result)
+
+
+def _published_colours():
+    iu = pytest.importorskip("transformers").image_utils  # LLaVA: tuple(int(x * 255) for x in image_mean)
+    return tuple(int(x * 255) for x in iu.OPENAI_CLIP_MEAN), tuple(int(x * 255) for x in iu.IMAGENET_DEFAULT_MEAN)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("sizes", [(64, 64), (64, 48)])
+def test_joint_preprocess_pad_matches_expand2square_then_processors(seed, backend, sizes):
+    """aspect="pad" against the PIL composition: expand2square with each encoder's mean colour, then
+    that encoder's processor (do_normalize=True)."""
+    if backend == "auto" and not BUILT:
+        pytest.skip("extension not built")
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(90, 120), (130, 70), (64, 64)]]
+    clip, dino = joint_preprocess(images, *sizes, aspect="pad", backend=backend)
+    for ours, proc, colour, std in zip((clip, dino), _normalising_processors(*sizes), _published_colours(),
+                                       (CLIP_STD, DINO_STD)):
+        want = torch.from_numpy(np.stack(proc([_expand2square(im, colour) for im in images],
+                                              return_tensors="np")["pixel_values"]))
+        if backend == "auto":
+            torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+        else:
+            for i in range(len(images)):
+                _within(ours[i], want[i], std, f"image {i}")
+    crop, _ = joint_preprocess(images, *sizes, backend=backend)
+    assert not torch.equal(crop[0], clip[0]) and torch.equal(crop[2], clip[2])  # square images are not padded
+
+
+@pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("size", [64, 40])
-def test_reference_preprocess_image_matches_processors(seed, size):
-    """comm_fast.reference.preprocess_image (the torch composition) against both processors."""
+def test_reference_preprocess_image_matches_processors(seed, size, pad):
+    """comm_fast.reference.preprocess_image (the torch composition) against both processors (after
+    expand2square when padding)."""
     rng = np.random.default_rng(seed)
     images = [_photo_like(rng, h, w) for h, w in [(90, 120), (130, 70), (50, 50)]]
-    for proc, (mean, std) in zip(_normalising_processors(size, size),
-                                 ((reference.CLIP_MEAN, reference.CLIP_STD), (reference.DINO_MEAN, reference.DINO_STD))):
-        want = np.stack(proc(images, return_tensors="np")["pixel_values"])
+    for proc, (mean, std), colour in zip(_normalising_processors(size, size),
+                                         ((reference.CLIP_MEAN, reference.CLIP_STD),
+                                          (reference.DINO_MEAN, reference.DINO_STD)), _published_colours()):
+        inputs = [_expand2square(im, colour) for im in images] if pad else images
+        want = np.stack(proc(inputs, return_tensors="np")["pixel_values"])
         for i, im in enumerate(images):
-            ours = reference.preprocess_image(torch.from_numpy(im), size, mean, std)
+            ours = reference.preprocess_image(torch.from_numpy(im), size, mean, std, pad=pad)
             assert ours.shape == (3, size, size)
             _within(ours, torch.from_numpy(want[i]), std, f"image {i} {im.shape}")
 
@@ -303,6 +349,7 @@ def test_joint_preprocess_input_forms_agree(seed):
     (lambda: joint_preprocess([np.zeros((8, 8, 3), np.uint8)], clip_size=0), ValueError, "clip_size"),
     (lambda: joint_preprocess([np.zeros((8, 8, 3), np.uint8)], dino_size=-3), ValueError, "dino_size"),
     (lambda: joint_preprocess([np.zeros((8, 8, 3), np.uint8)], dtype=torch.int32), TypeError, "dtype"),
+    (lambda: joint_preprocess([np.zeros((8, 8, 3), np.uint8)], aspect="letterbox"), ValueError, "aspect"),
 ])
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -356,7 +403,8 @@ def test_opcheck_cpu(seed, backend):
         torch.library.opcheck(ops.interpolate_pos_embed.default, (pos, 9, 13, 6, 5, mode, 2, backend))
         torch.library.opcheck(ops.interpolate_pos_embed.default, (pos[0].detach(), 9, 13, 6, 5, mode, 2, backend))
     images = list(torch.randint(0, 256, (2, 30, 41, 3), dtype=torch.uint8).unbind(0))
-    torch.library.opcheck(ops.joint_preprocess.default, (images, True, 16, 20, torch.float32, backend))
+    for aspect in patch.ASPECTS:
+        torch.library.opcheck(ops.joint_preprocess.default, (images, True, 16, 20, torch.float32, aspect, backend))
 
 
 @pytest.mark.parametrize("mode", patch.RESAMPLE_MODES)
