@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from comm_fast.config import COMMVisionConfig
+from comm_fast.constants import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD, pad_colour  # noqa: F401 (re-exported)
 
 
 def activation(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -68,13 +69,18 @@ def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf", n
     return torch.cat([pos[:, :num_prefix_tokens], grid], dim=1)
 
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def preprocess_image(image: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """One uint8 HxWx3 image → [3, size, size]: shortest side to ``size`` (antialiased bicubic),
-    center crop, rescale to [0, 1], normalise. The torch composition a user would write."""
+def preprocess_image(image: torch.Tensor, size: int, mean, std, pad: bool = False) -> torch.Tensor:
+    """One uint8 HxWx3 image → [3, size, size]: optionally padded to a square with the mean colour
+    (LLaVA-1.5's expand2square), shortest side to ``size`` (antialiased bicubic), center crop,
+    rescale to [0, 1], normalise. The torch composition a user would write."""
+    if pad and image.shape[0] != image.shape[1]:
+        h, w = image.shape[:2]
+        m = max(h, w)
+        square = torch.tensor(pad_colour(mean), dtype=image.dtype, device=image.device).repeat(m, m, 1)
+        square[(m - h) // 2:(m - h) // 2 + h, (m - w) // 2:(m - w) // 2 + w] = image
+        image = square
     h, w = image.shape[:2]
     short, long = (h, w) if h <= w else (w, h)
     new_long = int(size * long / short)

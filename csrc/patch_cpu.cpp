@@ -80,84 +80,93 @@ void store<at::BFloat16>(at::BFloat16* __restrict dst, const float* __restrict a
   store_bf16(reinterpret_cast<uint16_t*>(dst), acc, n);
 }
 
+// The platform side of the shared resample_pixel (patch_math.h): its channel loop is axpy.
 template <typename T>
-void resample_impl(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw,
-                   const AxisTaps& ty, const AxisTaps& tx) {
+struct CpuIO {
+  static void store(T* p, float v) { *p = static_cast<T>(v); }
+  static void accumulate(float* acc, const T* const* p, const float* w, int k, int64_t n, bool first) {
+    if (k == 0) std::fill(acc, acc + n, 0.0f);  // no taps (cannot happen for valid sizes)
+    else axpy(acc, p, w, k, n, first);
+  }
+};
+
+template <int KY, int KX, typename T>
+void resample_rows(const T* src, int64_t in_sb, int64_t in_sn, T* dst, int64_t out_sb, int64_t out_sn, int64_t sw,
+                   int64_t dh, int64_t dw, int64_t C, const TapView& ty, const TapView& tx, int64_t begin,
+                   int64_t end) {
+  std::vector<float> scratch(C);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / dh, oy = r % dh;
+    for (int64_t ox = 0; ox < dw; ++ox) {
+      T* o = dst + b * out_sb + (oy * dw + ox) * out_sn;
+      // fp32 outputs accumulate in place; other dtypes in an fp32 row, converted once.
+      float* acc = std::is_same<T, float>::value ? reinterpret_cast<float*>(o) : scratch.data();
+      resample_pixel<KY, KX, CpuIO<T>>(src + b * in_sb, sw * in_sn, in_sn, ty, oy, tx, ox, acc, C);
+      if (!std::is_same<T, float>::value) store(o, acc, C);
+    }
+  }
+}
+
+template <typename T>
+void resample_impl(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw, const Tables& t) {
   const int64_t B = in.size(0), C = in.size(2);
-  const int64_t in_sb = in.stride(0), in_sn = in.stride(1);
-  const int64_t out_sb = out.stride(0), out_sn = out.stride(1);
   const T* src = in.const_data_ptr<T>();
   T* dst = out.mutable_data_ptr<T>();
-  // One task per output row of one image; the channel loop is the vectorised one.
+  const TapView ty = t.tap(t.words.data(), 0), tx = t.tap(t.words.data(), 1);
+  // One task per output row of one image; the channel loop is the vectorised one. Bilinear and
+  // bicubic tables (2 or 4 taps everywhere) get compile-time tap counts.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, dw * C));
   comm_fast::parallel_for(0, B * dh, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / dh, oy = r % dh;
-      const T* img = src + b * in_sb;
-      for (int64_t ox = 0; ox < dw; ++ox) {
-        T* o = dst + b * out_sb + (oy * dw + ox) * out_sn;
-        // fp32 outputs accumulate in place; other dtypes in an fp32 row, converted once.
-        float* acc = std::is_same<T, float>::value ? reinterpret_cast<float*>(o) : scratch.data();
-        // Taps in groups of 4, so the channel row is read and written once per group.
-        const T* ptr[4];
-        float w[4];
-        int k = 0;
-        bool first = true;
-        for (int32_t j = ty.offset[oy]; j < ty.offset[oy + 1]; ++j) {
-          const T* row = img + static_cast<int64_t>(ty.index[j]) * sw * in_sn;
-          for (int32_t i = tx.offset[ox]; i < tx.offset[ox + 1]; ++i) {
-            ptr[k] = row + static_cast<int64_t>(tx.index[i]) * in_sn;
-            w[k++] = ty.weight[j] * tx.weight[i];
-            if (k == 4) {
-              axpy(acc, ptr, w, k, C, first);
-              k = 0;
-              first = false;
-            }
-          }
-        }
-        if (k > 0) {
-          axpy(acc, ptr, w, k, C, first);
-          first = false;
-        }
-        if (first) std::fill(acc, acc + C, 0.0f);  // no taps (cannot happen for valid sizes)
-        if (!std::is_same<T, float>::value) store(o, acc, C);
-      }
-    }
+    const auto run = [&](auto rows) {
+      rows(src, in.stride(0), in.stride(1), dst, out.stride(0), out.stride(1), sw, dh, dw, C, ty, tx, begin, end);
+    };
+    if (t.k[0] == 2 && t.k[1] == 2) run(resample_rows<2, 2, T>);
+    else if (t.k[0] == 4 && t.k[1] == 4) run(resample_rows<4, 4, T>);
+    else run(resample_rows<0, 0, T>);
   });
 }
 
 // ---- joint_preprocess ----
 
-// Horizontal Pillow pass. Each source row is widened once to int32 RGBX pixels (zero-padded at
-// the end), so that every output pixel is a dot product of whole vectors: two RGBX pixels per
-// 8-lane vector times their two coefficients, summed, then the halves added. Integer arithmetic
-// throughout, so the sums are Pillow's exactly (no overflow: |sum| < 255 * 1.5 * 2^22).
-typedef int32_t v8si __attribute__((vector_size(32)));
-
-struct HorizontalTaps {
-  int pairs = 0;               // vectors per output pixel: ceil(ksize / 2)
-  std::vector<v8si> coef;      // [S][pairs]: {k[2j] x4, k[2j+1] x4}, zero past the taps
-  std::vector<int32_t> start;  // first source column of each output, relative to the widened row
-  int64_t width = 0;           // widened row length in pixels, padding included
+// Horizontal Pillow pass of one row, through the shared pil_output: the source row is first
+// widened to int32 RGBX pixels (zero-padded by ksize at the end), so that each tap is one 4-lane
+// vector multiply-add, over a compile-time count of taps.
+struct RgbxLanes {
+  typedef int32_t v4si __attribute__((vector_size(16)));
+  static void mac(int32_t* acc, const int32_t* p, int64_t, int32_t k, int64_t) {
+    v4si a, x;
+    std::memcpy(&a, acc, sizeof a);
+    std::memcpy(&x, p, sizeof x);
+    a += x * k;
+    std::memcpy(acc, &a, sizeof a);
+  }
 };
 
-HorizontalTaps horizontal_taps(const PilTaps& t, int64_t col0, int64_t cols) {
-  HorizontalTaps h;
-  h.pairs = (t.ksize + 1) / 2;
-  const int64_t S = static_cast<int64_t>(t.start.size());
-  h.coef.assign(S * h.pairs, v8si{});
-  h.start.resize(S);
+template <int K>
+__attribute__((always_inline)) inline void horizontal_row(const int32_t* __restrict px, const PilView& tx,
+                                                          int64_t shift, int64_t S, uint8_t* __restrict out) {
   for (int64_t x = 0; x < S; ++x) {
-    for (int k = 0; k < t.ksize; ++k)
-      for (int c = 0; c < 4; ++c) h.coef[x * h.pairs + k / 2][(k % 2) * 4 + c] = t.coef[x * t.ksize + k];
-    h.start[x] = static_cast<int32_t>(t.start[x] - col0);
+    uint8_t v[4];
+    int32_t acc[4];
+    pil_output<4, K, RgbxLanes>(px, tx, x, shift, 4, 1, 4, acc, v, 1);
+    out[3 * x] = v[0];
+    out[3 * x + 1] = v[1];
+    out[3 * x + 2] = v[2];
   }
-  h.width = cols + 2 * h.pairs;
-  return h;
 }
 
-// n pixels of a source row (byte strides sx, sc) as int32 RGBX; the padding stays zero.
+COMM_FAST_MULTIVERSION void pil_horizontal_row(const int32_t* px, const PilView& tx, int64_t shift, int64_t S,
+                                               uint8_t* out) {
+  switch (tx.ksize) {  // 5: upscales; 7: downscales up to 1.5x, the common case; 9-11: up to 2.5x
+    case 5: horizontal_row<5>(px, tx, shift, S, out); break;
+    case 7: horizontal_row<7>(px, tx, shift, S, out); break;
+    case 9: horizontal_row<9>(px, tx, shift, S, out); break;
+    case 11: horizontal_row<11>(px, tx, shift, S, out); break;
+    default: horizontal_row<0>(px, tx, shift, S, out);
+  }
+}
+
+// n pixels of a source row (byte strides sx, sc) as int32 RGBX.
 template <bool kPacked>
 void widen_row(const uint8_t* __restrict row, int64_t sx, int64_t sc, int64_t n, int32_t* __restrict dst) {
   if (kPacked) {
@@ -171,43 +180,10 @@ void widen_row(const uint8_t* __restrict row, int64_t sx, int64_t sc, int64_t n,
   }
 }
 
-// kPairs > 0 fixes the vector count per output (fully unrolled); 0 reads it from h.
-template <int kPairs>
-__attribute__((always_inline)) inline void horizontal_row(const int32_t* __restrict px, const HorizontalTaps& h,
-                                                          int64_t S, uint8_t* __restrict out) {
-  typedef int32_t v4si __attribute__((vector_size(16)));
-  const int pairs = kPairs > 0 ? kPairs : h.pairs;
-  const v8si* coef = h.coef.data();
-  for (int64_t x = 0; x < S; ++x, coef += pairs) {
-    const int32_t* p = px + 4 * static_cast<int64_t>(h.start[x]);
-    v8si acc{};
-    for (int j = 0; j < pairs; ++j) {
-      v8si v;
-      std::memcpy(&v, p + 8 * j, sizeof v);
-      acc += v * coef[j];
-    }
-    v4si sum = v4si{acc[0], acc[1], acc[2], acc[3]} + v4si{acc[4], acc[5], acc[6], acc[7]};
-    sum = (sum + (1 << (kPilPrecisionBits - 1))) >> kPilPrecisionBits;  // Pillow's clip8, on 4 lanes
-    sum = sum < 0 ? 0 : (sum > 255 ? 255 : sum);
-    for (int c = 0; c < 3; ++c) out[3 * x + c] = static_cast<uint8_t>(sum[c]);
-  }
-}
-
-COMM_FAST_MULTIVERSION void pil_horizontal_row(const int32_t* px, const HorizontalTaps& h, int64_t S, uint8_t* out) {
-  switch (h.pairs) {  // 4: downscales up to 1.5x (ksize 7), the common case; 5-6: up to 2.5x
-    case 4: horizontal_row<4>(px, h, S, out); break;
-    case 5: horizontal_row<5>(px, h, S, out); break;
-    case 6: horizontal_row<6>(px, h, S, out); break;
-    default: horizontal_row<0>(px, h, S, out);
-  }
-}
-
-// `rows` rows of src into dst [rows, S, 3]; src[0] is column col0 of the image, and the crop
-// reads columns [col0, col0 + cols).
-void pil_horizontal(const uint8_t* src, int64_t sy, int64_t sx, int64_t sc, int64_t rows, const PilTaps& tx,
-                    int64_t col0, int64_t cols, int64_t S, uint8_t* dst) {
-  const HorizontalTaps h = horizontal_taps(tx, col0, cols);
-  std::vector<int32_t> px(h.width * 4, 0);
+// `rows` rows of src into dst [rows, S, 3]; src[0] is column `shift` of the image.
+void pil_horizontal(const uint8_t* src, int64_t sy, int64_t sx, int64_t sc, int64_t rows, const PilView& tx,
+                    int64_t shift, int64_t cols, int64_t S, uint8_t* dst) {
+  std::vector<int32_t> px((cols + tx.ksize) * 4, 0);  // the padding stays zero
   const bool packed = sx == 3 && sc == 1;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = src + r * sy;
@@ -215,111 +191,76 @@ void pil_horizontal(const uint8_t* src, int64_t sy, int64_t sx, int64_t sc, int6
       widen_row<true>(row, sx, sc, cols, px.data());
     else
       widen_row<false>(row, sx, sc, cols, px.data());
-    pil_horizontal_row(px.data(), h, S, dst + r * S * 3);
+    pil_horizontal_row(px.data(), tx, shift, S, dst + r * S * 3);
   }
 }
 
-// Vertical Pillow pass of one output row: taps over rows of src, vectorised along the row.
-COMM_FAST_MULTIVERSION void pil_vertical_row(const uint8_t* __restrict src, int64_t row_stride,
-                                             const int32_t* __restrict k, int32_t taps, int64_t n,
-                                             int32_t* __restrict acc, uint8_t* __restrict out) {
-  for (int64_t j = 0; j < n; ++j) acc[j] = 1 << (kPilPrecisionBits - 1);
-  for (int32_t t = 0; t < taps; ++t) {
-    const uint8_t* s = src + t * row_stride;
-    const int32_t w = k[t];
-    for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<int32_t>(s[j]) * w;
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t v = acc[j] >> kPilPrecisionBits;
-    out[j] = static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
-  }
+// Vertical Pillow pass of output row y over n bytes of each source row (src[0] is row `shift`),
+// through the shared pil_output, vectorised along the row. acc: n int32 of scratch.
+COMM_FAST_MULTIVERSION void pil_vertical_row(const uint8_t* __restrict src, int64_t row_stride, const PilView& ty,
+                                             int64_t y, int64_t shift, int64_t n, int32_t* __restrict acc,
+                                             uint8_t* __restrict out) {
+  pil_output<0>(src, ty, y, shift, row_stride, 1, n, acc, out, 1);
 }
 
+// Output row y of image b from a resized row [S, 3], through the shared write_pixel.
 template <typename T>
-void write_normalised(const uint8_t* row, int64_t S, const NormLut& lut, T* plane0, int64_t plane) {
-  for (int c = 0; c < 3; ++c) {
-    const float* l = lut[c].data();
-    T* o = plane0 + c * plane;
-    for (int64_t x = 0; x < S; ++x) o[x] = static_cast<T>(l[row[3 * x + c]]);
-  }
+void write_row(const uint8_t* row, int64_t b, int64_t y, int64_t S, const PreprocJob& job, int first, bool both,
+               const float* luts) {
+  const int64_t plane = S * S, offset = b * 3 * plane + y * S;
+  T* o0 = job.dst[first].mutable_data_ptr<T>() + offset;
+  T* o1 = both ? job.dst[1].mutable_data_ptr<T>() + offset : nullptr;
+  for (int64_t x = 0; x < S; ++x) write_pixel<CpuIO<T>>(row + 3 * x, luts, first, o0, o1, plane, x);
 }
 
-// Two float32 outputs of one side (the common case: clip_size == dino_size) share each lookup's index.
-COMM_FAST_MULTIVERSION void write_pair(const uint8_t* __restrict row, int64_t S, const float* __restrict l0,
-                                       const float* __restrict l1, float* __restrict o0, float* __restrict o1) {
-  for (int64_t x = 0; x < S; ++x) {
-    const uint8_t v = row[3 * x];
-    o0[x] = l0[v];
-    o1[x] = l1[v];
-  }
-}
-
-void write_row(const uint8_t* row, int64_t b, int64_t y, int64_t S, std::vector<PreprocOutput*>& outs) {
-  const int64_t offset = b * 3 * S * S + y * S;
-  if (outs.size() == 2 && outs[0]->dst.scalar_type() == at::kFloat && outs[1]->dst.scalar_type() == at::kFloat) {
-    float* d0 = outs[0]->dst.mutable_data_ptr<float>() + offset;
-    float* d1 = outs[1]->dst.mutable_data_ptr<float>() + offset;
-    for (int c = 0; c < 3; ++c)
-      write_pair(row + c, S, outs[0]->lut[c].data(), outs[1]->lut[c].data(), d0 + c * S * S, d1 + c * S * S);
-    return;
-  }
-  for (PreprocOutput* o : outs) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o->dst.scalar_type(), "joint_preprocess", [&] {
-      write_normalised(row, S, o->lut, o->dst.mutable_data_ptr<scalar_t>() + offset, S * S);
-    });
-  }
-}
-
-// Resize + crop one image (in Pillow's pass order) for side S and write every output of that side.
-void preprocess_one(const at::Tensor& image, int64_t b, int64_t S, std::vector<PreprocOutput*>& outs) {
-  const CropPlan p = make_crop_plan(image.size(0), image.size(1), S);
-  const bool packed = image.stride(1) == 3 && image.stride(2) == 1;
-  std::vector<int32_t> acc(std::max(S, p.cols) * 3);
+// Resize + crop one image (in Pillow's pass order) for one group of outputs and write them.
+void preprocess_one(const at::Tensor& image, int64_t b, const PreprocJob& job, int first, bool both) {
+  const int64_t S = job.size[first];
+  const std::shared_ptr<Tables> t = crop_tables_for(image.size(0), image.size(1), S, image.device());
+  const CropPlan& p = t->plan;
+  const PilView ty = t->pil(t->words.data(), 0), tx = t->pil(t->words.data(), 1);
+  const float* luts = job.lut->lut(job.lut->words.data());
+  auto write = [&](const uint8_t* row, int64_t y) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, job.dst[first].scalar_type(), "joint_preprocess",
+                                    [&] { write_row<scalar_t>(row, b, y, S, job, first, both, luts); });
+  };
   std::vector<uint8_t> row(S * 3);
+  std::vector<int32_t> acc(std::max(S, p.cols) * 3);
   if (!p.vertical_first) {
     // Horizontal pass over the rows the crop needs, then one vertical pass per output row.
     std::vector<uint8_t> tmp(p.rows * S * 3);
     const uint8_t* src = image.const_data_ptr<uint8_t>() + p.row0 * image.stride(0) + p.col0 * image.stride(1);
-    pil_horizontal(src, image.stride(0), image.stride(1), image.stride(2), p.rows, p.tx, p.col0, p.cols, S, tmp.data());
+    pil_horizontal(src, image.stride(0), image.stride(1), image.stride(2), p.rows, tx, p.col0, p.cols, S, tmp.data());
     for (int64_t y = 0; y < S; ++y) {
-      pil_vertical_row(tmp.data() + (p.ty.start[y] - p.row0) * S * 3, S * 3, p.ty.coef.data() + y * p.ty.ksize,
-                       p.ty.size[y], S * 3, acc.data(), row.data());
-      write_row(row.data(), b, y, S, outs);
+      pil_vertical_row(tmp.data(), S * 3, ty, y, p.row0, S * 3, acc.data(), row.data());
+      write(row.data(), y);
     }
   } else {
     // Vertical pass over the columns the crop needs (rows must be packed for it), then horizontal.
-    const at::Tensor img = packed ? image : image.contiguous();
+    const at::Tensor img = image.stride(1) == 3 && image.stride(2) == 1 ? image : image.contiguous();
     const uint8_t* base = img.const_data_ptr<uint8_t>() + p.col0 * 3;
     std::vector<uint8_t> tmp(S * p.cols * 3), out(S * S * 3);
     for (int64_t y = 0; y < S; ++y)
-      pil_vertical_row(base + p.ty.start[y] * img.stride(0), img.stride(0), p.ty.coef.data() + y * p.ty.ksize,
-                       p.ty.size[y], p.cols * 3, acc.data(), tmp.data() + y * p.cols * 3);
-    pil_horizontal(tmp.data(), p.cols * 3, 3, 1, S, p.tx, p.col0, p.cols, S, out.data());
-    for (int64_t y = 0; y < S; ++y) write_row(out.data() + y * S * 3, b, y, S, outs);
+      pil_vertical_row(base, img.stride(0), ty, y, 0, p.cols * 3, acc.data(), tmp.data() + y * p.cols * 3);
+    pil_horizontal(tmp.data(), p.cols * 3, 3, 1, S, tx, p.col0, p.cols, S, out.data());
+    for (int64_t y = 0; y < S; ++y) write(out.data() + y * S * 3, y);
   }
 }
 
 }  // namespace
 
-void resample_cpu(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw,
-                  const AxisTaps& ty, const AxisTaps& tx) {
+void resample_cpu(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw, const Tables& t) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "resample_tokens", [&] {
-    resample_impl<scalar_t>(in, out, sw, dh, dw, ty, tx);
+    resample_impl<scalar_t>(in, out, sw, dh, dw, t);
   });
 }
 
-void preprocess_cpu(const std::vector<at::Tensor>& images, std::vector<PreprocOutput>& outputs) {
-  // Outputs of equal side share one resize.
-  std::vector<std::vector<PreprocOutput*>> groups;
-  for (auto& o : outputs) {
-    auto g = std::find_if(groups.begin(), groups.end(), [&](auto& v) { return v[0]->size == o.size; });
-    if (g == groups.end()) groups.push_back({&o});
-    else g->push_back(&o);
-  }
+void preprocess_cpu(const std::vector<at::Tensor>& images, const PreprocJob& job) {
   const int64_t B = static_cast<int64_t>(images.size());
+  const auto groups = job.groups();
   comm_fast::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      for (auto& g : groups) preprocess_one(images[b], b, g[0]->size, g);
+      for (const auto& g : groups) preprocess_one(images[b], b, job, g.first, g.second);
   });
 }
 

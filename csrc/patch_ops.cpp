@@ -52,15 +52,25 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-void run_resample(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw,
-                  const AxisTaps& ty, const AxisTaps& tx) {
+int64_t device_key(const at::Device& d) { return static_cast<int64_t>(d.type()); }
+
+}  // namespace
+
+std::shared_ptr<Tables> crop_tables_for(int64_t h, int64_t w, int64_t S, const at::Device& device) {
+  return cached_tables({Tables::kCrop, device_key(device), device.index(), h, w, S},
+                       [&] { return crop_tables(h, w, S); });
+}
+
+namespace {
+
+void run_resample(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw, Tables& t) {
   if (in.numel() == 0 || out.numel() == 0) return;
   if (in.is_cuda()) {
 #ifdef COMM_FAST_WITH_CUDA
-    resample_cuda(in, out, sw, dh, dw, ty, tx);
+    resample_cuda(in, out, sw, dh, dw, t);
 #endif
   } else {
-    resample_cpu(in, out, sw, dh, dw, ty, tx);
+    resample_cpu(in, out, sw, dh, dw, t);
   }
 }
 
@@ -102,9 +112,12 @@ at::Tensor resample_tokens(const at::Tensor& tokens, int64_t sh, int64_t sw, int
   } else {
     out = at::empty({B, dh * dw, C}, tokens.options());
   }
-  const AxisTaps ty = make_taps(mode, sh, dh, scale_h);
-  const AxisTaps tx = make_taps(mode, sw, dw, scale_w);
-  run_resample(tokens, out, sw, dh, dw, ty, tx);
+  const at::Device d = tokens.device();
+  const std::shared_ptr<Tables> t = cached_tables(
+      {Tables::kResample, device_key(d), d.index(), static_cast<int64_t>(mode), sh, dh, bits_of(scale_h), sw, dw,
+       bits_of(scale_w)},
+      [&] { return resample_tables(mode, sh, dh, scale_h, sw, dw, scale_w); });
+  run_resample(tokens, out, sw, dh, dw, *t);
   return out;
 }
 
@@ -142,13 +155,27 @@ at::Tensor interpolate_pos_embed(const at::Tensor& pos, int64_t sh, int64_t sw, 
   return pos.dim() == 2 ? out.squeeze(0) : out;
 }
 
+// LLaVA-1.5's expand2square: the image centred on a square of its longer side filled with `fill`.
+at::Tensor pad_to_square(const at::Tensor& img, const std::vector<int64_t>& fill) {
+  const int64_t h = img.size(0), w = img.size(1), m = std::max(h, w);
+  if (h == w) return img;
+  at::Tensor out = at::empty({m, m, 3}, img.options());
+  for (int c = 0; c < 3; ++c) out.select(2, c).fill_(fill[c]);
+  out.narrow(0, (m - h) / 2, h).narrow(1, (m - w) / 2, w).copy_(img);
+  return out;
+}
+
 // images: uint8 [H, W, 3] views (any strides, one device). Returns (clip, dino) [B, 3, S, S].
+// clip_fill / dino_fill: empty (resize + center crop) or each encoder's pad colour (3 values in
+// 0..255): pad to a square first, per encoder.
 std::tuple<at::Tensor, at::Tensor> joint_preprocess(const std::vector<at::Tensor>& images, int64_t clip_size,
                                                     int64_t dino_size, at::ScalarType dtype,
                                                     const std::vector<double>& clip_mean,
                                                     const std::vector<double>& clip_std,
                                                     const std::vector<double>& dino_mean,
-                                                    const std::vector<double>& dino_std) {
+                                                    const std::vector<double>& dino_std,
+                                                    const std::vector<int64_t>& clip_fill,
+                                                    const std::vector<int64_t>& dino_fill) {
   TORCH_CHECK(!images.empty(), "images: expected at least one image");
   TORCH_CHECK(clip_size > 0 && dino_size > 0, "clip_size, dino_size: expected positive sizes, got ", clip_size, ", ",
               dino_size);
@@ -159,6 +186,11 @@ std::tuple<at::Tensor, at::Tensor> joint_preprocess(const std::vector<at::Tensor
     TORCH_CHECK(v->size() == 3, "mean/std: expected 3 values per encoder");
   for (double s : clip_std) TORCH_CHECK(s != 0.0, "clip std: must be non-zero");
   for (double s : dino_std) TORCH_CHECK(s != 0.0, "dino std: must be non-zero");
+  TORCH_CHECK(clip_fill.empty() == dino_fill.empty(), "clip_fill, dino_fill: give both pad colours or neither");
+  for (const auto* f : {&clip_fill, &dino_fill}) {
+    TORCH_CHECK(f->empty() || f->size() == 3, "fill: expected 3 values (a pad colour) or none, got ", f->size());
+    for (int64_t v : *f) TORCH_CHECK(v >= 0 && v <= 255, "fill: expected values in 0..255, got ", v);
+  }
   const auto device = images[0].device();
   for (size_t i = 0; i < images.size(); ++i) {
     const auto& im = images[i];
@@ -173,26 +205,46 @@ std::tuple<at::Tensor, at::Tensor> joint_preprocess(const std::vector<at::Tensor
     check_device(im, "images");
   }
   const int64_t B = static_cast<int64_t>(images.size());
-  auto make = [&](int64_t S, const std::vector<double>& mean, const std::vector<double>& std) {
-    PreprocOutput o;
-    o.size = S;
-    o.dst = at::empty({B, 3, S, S}, at::TensorOptions().dtype(dtype).device(device));
-    advise_huge_pages(o.dst);
-    // The processors' arithmetic: rescale by 1/255 (float64, stored as float32), then (x - mean) / std.
-    for (int c = 0; c < 3; ++c)
-      for (int v = 0; v < 256; ++v)
-        o.lut[c][v] = (static_cast<float>(v / 255.0) - static_cast<float>(mean[c])) / static_cast<float>(std[c]);
-    return o;
-  };
-  std::vector<PreprocOutput> outs{make(clip_size, clip_mean, clip_std), make(dino_size, dino_mean, dino_std)};
-  if (device.is_cuda()) {
-#ifdef COMM_FAST_WITH_CUDA
-    preprocess_cuda(images, outs);
-#endif
-  } else {
-    preprocess_cpu(images, outs);
+  PreprocJob job;
+  job.size[0] = clip_size;
+  job.size[1] = dino_size;
+  for (int o = 0; o < 2; ++o) {
+    job.dst[o] = at::empty({B, 3, job.size[o], job.size[o]}, at::TensorOptions().dtype(dtype).device(device));
+    advise_huge_pages(job.dst[o]);
   }
-  return {outs[0].dst, outs[1].dst};
+  std::array<double, 12> mean_std;
+  for (int c = 0; c < 3; ++c) {
+    mean_std[c] = clip_mean[c];
+    mean_std[3 + c] = clip_std[c];
+    mean_std[6 + c] = dino_mean[c];
+    mean_std[9 + c] = dino_std[c];
+  }
+  TableKey key{Tables::kLut, device_key(device), device.index()};
+  for (int i = 0; i < 12; ++i) key[3 + i] = bits_of(mean_std[i]);
+  job.lut = cached_tables(key, [&] { return lut_tables(mean_std); });
+  const auto run = [&](const std::vector<at::Tensor>& imgs) {
+    if (device.is_cuda()) {
+#ifdef COMM_FAST_WITH_CUDA
+      preprocess_cuda(imgs, job);
+#endif
+    } else {
+      preprocess_cpu(imgs, job);
+    }
+  };
+  if (clip_fill.empty()) {
+    run(images);
+  } else {
+    // The two encoders' pad colours differ, so each output gets its own padded images and resize.
+    const std::vector<int64_t>* fills[2] = {&clip_fill, &dino_fill};
+    for (int o = 0; o < 2; ++o) {
+      std::vector<at::Tensor> padded;
+      padded.reserve(images.size());
+      for (const auto& im : images) padded.push_back(pad_to_square(im, *fills[o]));
+      job.only = o;
+      run(padded);
+    }
+  }
+  return {job.dst[0], job.dst[1]};
 }
 
 }  // namespace comm_fast
@@ -208,5 +260,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_prefix_tokens"));
   m.def("joint_preprocess", &comm_fast::joint_preprocess, "uint8 images -> (clip, dino) normalised pixels",
         py::arg("images"), py::arg("clip_size"), py::arg("dino_size"), py::arg("dtype"), py::arg("clip_mean"),
-        py::arg("clip_std"), py::arg("dino_mean"), py::arg("dino_std"));
+        py::arg("clip_std"), py::arg("dino_mean"), py::arg("dino_std"), py::arg("clip_fill") = std::vector<int64_t>{},
+        py::arg("dino_fill") = std::vector<int64_t>{});
+  m.def(
+      "table_cache_stats",
+      [] {
+        const auto s = comm_fast::table_cache_stats();
+        py::dict d;
+        d["builds"] = s.builds;
+        d["hits"] = s.hits;
+        d["entries"] = s.entries;
+        return d;
+      },
+      "the table cache's counters: builds (misses), hits, entries held");
+  m.def("table_cache_clear", &comm_fast::table_cache_clear, "drop every cached table and reset the counters");
 }

@@ -4,32 +4,36 @@
 
 #include <ATen/ATen.h>
 
-#include <array>
 #include <vector>
 
-#include "patch_common.h"
+#include "patch_tables.h"
 
 namespace comm_fast {
 
-// Per-channel lookup from a uint8 value to the normalised output: (v / 255 - mean) / std.
-using NormLut = std::array<std::array<float, 256>, 3>;
-
-// One requested output of joint_preprocess: side, destination [B, 3, S, S], normalisation.
-struct PreprocOutput {
-  int64_t size;
-  at::Tensor dst;
-  NormLut lut;
+// What joint_preprocess computes: two outputs [B, 3, S_i, S_i] (0: CLIP, 1: DINOv2) normalised
+// through `lut` (lut_tables). Outputs of equal side share one resize.
+struct PreprocJob {
+  at::Tensor dst[2];
+  int64_t size[2];
+  std::shared_ptr<Tables> lut;
+  int only = -1;  // >= 0: compute that output alone (padded images differ per encoder)
+  // The resizes to run: {output, whether output 1 shares it}.
+  std::vector<std::pair<int, bool>> groups() const {
+    if (only >= 0) return {{only, false}};
+    if (size[0] == size[1]) return {{0, true}};
+    return {{0, false}, {1, false}};
+  }
 };
 
-void resample_cpu(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw,
-                  const AxisTaps& ty, const AxisTaps& tx);
-// outputs: one entry, or two sharing the resize when their sizes are equal (outputs[i].size).
-void preprocess_cpu(const std::vector<at::Tensor>& images, std::vector<PreprocOutput>& outputs);
+// Crop tables of one image size for output side S on `device` (cached).
+std::shared_ptr<Tables> crop_tables_for(int64_t h, int64_t w, int64_t S, const at::Device& device);
+
+void resample_cpu(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw, const Tables& t);
+void preprocess_cpu(const std::vector<at::Tensor>& images, const PreprocJob& job);
 
 #ifdef COMM_FAST_WITH_CUDA
-void resample_cuda(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw,
-                   const AxisTaps& ty, const AxisTaps& tx);
-void preprocess_cuda(const std::vector<at::Tensor>& images, std::vector<PreprocOutput>& outputs);
+void resample_cuda(const at::Tensor& in, const at::Tensor& out, int64_t sw, int64_t dh, int64_t dw, Tables& t);
+void preprocess_cuda(const std::vector<at::Tensor>& images, const PreprocJob& job);
 #endif
 
 }  // namespace comm_fast

@@ -23,15 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from comm_fast import _backend, _ext
+from comm_fast.constants import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD, pad_colour  # noqa: F401 (re-exported)
 from comm_fast.ops._custom import note as _note, ran as _ran, register as _register
 
 POS_EMBED_MODES = ("hf", "dinov2_offset", "antialias")
+ASPECTS = ("crop", "pad")
 RESAMPLE_MODES = ("bilinear", "bicubic", "area")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DINO_MEAN = (0.485, 0.456, 0.406)
-DINO_STD = (0.229, 0.224, 0.225)
 
 _OPS = ("interpolate_pos_embed", "resample_tokens", "joint_preprocess")
 _NATIVE = {"cpu": "cpp", "cuda": "cuda"}  # the extension backend for each device type
@@ -262,15 +260,16 @@ _resample_out_op = _register("resample_tokens_out", _resample_out_impl, _resampl
 
 
 def _joint_impl(images: list[torch.Tensor], batched: bool, clip_size: int, dino_size: int, dtype: torch.dtype,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                aspect: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     _ran("joint_preprocess", backend)
     if backend == "torch":
-        return _torch_joint_preprocess(images, batched, clip_size, dino_size, dtype)
+        return _torch_joint_preprocess(images, batched, clip_size, dino_size, dtype, aspect)
+    fills = (pad_colour(CLIP_MEAN), pad_colour(DINO_MEAN)) if aspect == "pad" else ((), ())
     return _ext_module().joint_preprocess(images, clip_size, dino_size, dtype, CLIP_MEAN, CLIP_STD, DINO_MEAN,
-                                          DINO_STD)
+                                          DINO_STD, *fills)
 
 
-def _joint_fake(images, batched, clip_size, dino_size, dtype, backend):
+def _joint_fake(images, batched, clip_size, dino_size, dtype, aspect, backend):
     b = len(images)
     return (images[0].new_empty((b, 3, clip_size, clip_size), dtype=dtype),
             images[0].new_empty((b, 3, dino_size, dino_size), dtype=dtype))
@@ -460,18 +459,33 @@ def _torch_normalise(y: torch.Tensor, mean, std, dtype) -> torch.Tensor:
     return ((y / 255.0 - m) / s).to(dtype, memory_format=torch.contiguous_format)
 
 
-def _torch_joint_preprocess(views, batched, clip_size, dino_size, dtype):
+def _pad_to_square(x: torch.Tensor, colour) -> torch.Tensor:
+    """[N, 3, H, W] uint8 centred on a square of the longer side filled with colour (expand2square)."""
+    h, w = x.shape[-2:]
+    if h == w:
+        return x
+    m = max(h, w)
+    out = torch.tensor(colour, dtype=x.dtype, device=x.device).view(1, 3, 1, 1).repeat(x.shape[0], 1, m, m)
+    out[..., (m - h) // 2:(m - h) // 2 + h, (m - w) // 2:(m - w) // 2 + w] = x
+    return out
+
+
+def _torch_joint_preprocess(views, batched, clip_size, dino_size, dtype, aspect="crop"):
     if batched:
         groups = [torch.stack(views).permute(0, 3, 1, 2)]
     else:
         groups = [v.permute(2, 0, 1).unsqueeze(0) for v in views]
-    clip = torch.cat([_torch_resize_crop(g, clip_size) for g in groups])
-    dino = clip if dino_size == clip_size else torch.cat([_torch_resize_crop(g, dino_size) for g in groups])
+    if aspect == "pad":  # each encoder pads with its own mean colour: no shared resize
+        clip = torch.cat([_torch_resize_crop(_pad_to_square(g, pad_colour(CLIP_MEAN)), clip_size) for g in groups])
+        dino = torch.cat([_torch_resize_crop(_pad_to_square(g, pad_colour(DINO_MEAN)), dino_size) for g in groups])
+    else:
+        clip = torch.cat([_torch_resize_crop(g, clip_size) for g in groups])
+        dino = clip if dino_size == clip_size else torch.cat([_torch_resize_crop(g, dino_size) for g in groups])
     return _torch_normalise(clip, CLIP_MEAN, CLIP_STD, dtype), _torch_normalise(dino, DINO_MEAN, DINO_STD, dtype)
 
 
 def joint_preprocess(images, clip_size: int = 336, dino_size: int = 336, dtype=torch.float32,
-                     backend: str | None = None):
+                     backend: str | None = None, aspect: str = "crop"):
     """uint8 images -> (clip_pixels, dino_pixels), each ``[B, 3, S, S]`` in ``dtype`` on the images' device.
 
     Per image, as CLIPImageProcessor and the DINOv2 (Bit) processor do with their PIL backends:
@@ -479,7 +493,12 @@ def joint_preprocess(images, clip_size: int = 336, dino_size: int = 336, dtype=t
     crop S x S, rescale 1/255, each encoder's mean/std. One read of each image; when the sizes are
     equal the resize is done once. ``images``: a list of HxWx3 uint8 numpy arrays or tensors of any
     sizes (3xHxW tensors too), or a batch ``[B, H, W, 3]`` / ``[B, 3, H, W]``.
+    ``aspect="pad"``: first pad each image to a square with each encoder's mean colour
+    (LLaVA-1.5 / Shikra's expand2square, so that normalised boxes refer to the whole image); the
+    resize is then per encoder. ``"crop"`` (the processors' default): resize and center crop only.
     """
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect: expected one of {ASPECTS}, got {aspect!r}")
     views, batched = _image_list(images)
     for name, s in (("clip_size", clip_size), ("dino_size", dino_size)):
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0:
@@ -493,9 +512,9 @@ def joint_preprocess(images, clip_size: int = 336, dino_size: int = 336, dtype=t
         reason += "; torch composition (antialiased F.interpolate + crop + normalise)"
     if _eager_only(device):
         _backend.record("joint_preprocess", name, reason)
-        return _torch_joint_preprocess(views, batched, clip_size, dino_size, dtype)
+        return _torch_joint_preprocess(views, batched, clip_size, dino_size, dtype, aspect)
     _note("joint_preprocess", name, reason)
-    return _joint_op(views, batched, clip_size, dino_size, dtype, name)
+    return _joint_op(views, batched, clip_size, dino_size, dtype, aspect, name)
 
 
 def describe() -> dict:

@@ -6,8 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comm_fast import _backend, _ext
+from comm_fast import _backend, _ext, constants, reference
 from comm_fast.ops import interpolate_pos_embed, joint_preprocess, patch, resample_tokens
+
+# The published normalisation constants, written out here and never read from the package:
+# OpenAI CLIP's (openai/CLIP's _transform) and ImageNet's, which DINOv2 uses.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 BUILT = _ext.load()[0] is not None
 needs_ext = pytest.mark.skipif(not BUILT, reason="comm_fast._C is not built")
@@ -52,7 +57,7 @@ def test_auto_uses_cpp_on_cpu_and_matches_torch(seed):
     assert last("joint_preprocess")["backend"] == "cpp"
     clip_t, dino_t = joint_preprocess(images, 64, 48, backend="torch")
     assert "torch composition" in last("joint_preprocess")["reason"]
-    for a, b, std in ((clip, clip_t, patch.CLIP_STD), (dino, dino_t, patch.DINO_STD)):
+    for a, b, std in ((clip, clip_t, CLIP_STD), (dino, dino_t, DINO_STD)):
         assert a.shape == b.shape
         d = (a - b).abs() * torch.tensor(std).view(1, 3, 1, 1)  # back to [0, 1] units
         assert (d <= 2 / 255 + 1e-6).float().mean() >= 0.999
@@ -163,11 +168,135 @@ def test_joint_preprocess_matches_processors_at_336(seed, backend):
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in MIXED]
     clip_ref, dino_ref = _processor_pixels(images, 336)
     clip, dino = joint_preprocess(images, 336, 336, backend=backend)
-    for ours, ref, mean, std in ((clip, clip_ref, patch.CLIP_MEAN, patch.CLIP_STD),
-                                 (dino, dino_ref, patch.DINO_MEAN, patch.DINO_STD)):
+    for ours, ref, mean, std in ((clip, clip_ref, CLIP_MEAN, CLIP_STD), (dino, dino_ref, DINO_MEAN, DINO_STD)):
         ours = ours * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
         within = ((ours - ref).abs() <= 2 / 255 + 1e-6).float().mean().item()
         assert within >= 0.999, f"{backend}: {within:.5f} of values within 2/255"
+
+
+# ---- the normalisation constants and the reference preprocessing ----
+
+def test_normalisation_constants_are_the_published_ones():
+    assert (constants.CLIP_MEAN, constants.CLIP_STD) == (CLIP_MEAN, CLIP_STD)
+    assert (constants.DINO_MEAN, constants.DINO_STD) == (DINO_MEAN, DINO_STD)
+    for module in (patch, reference):  # one definition, used by the ops and the reference
+        assert (module.CLIP_MEAN, module.CLIP_STD, module.DINO_MEAN, module.DINO_STD) == (
+            constants.CLIP_MEAN, constants.CLIP_STD, constants.DINO_MEAN, constants.DINO_STD)
+
+
+def test_normalisation_constants_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    iu = transformers.image_utils
+    assert constants.CLIP_MEAN == tuple(iu.OPENAI_CLIP_MEAN) and constants.CLIP_STD == tuple(iu.OPENAI_CLIP_STD)
+    assert constants.DINO_MEAN == tuple(iu.IMAGENET_DEFAULT_MEAN) and constants.DINO_STD == tuple(iu.IMAGENET_DEFAULT_STD)
+    clip = transformers.CLIPImageProcessorPil()  # its defaults are CLIP's
+    assert clip.do_normalize and tuple(clip.image_mean) == constants.CLIP_MEAN
+    assert tuple(clip.image_std) == constants.CLIP_STD
+
+
+def _normalising_processors(clip_size, dino_size):
+    """CLIP's processor with its defaults; DINOv2's (a Bit processor with ImageNet's constants, as
+    facebook/dinov2-* configure it), do_normalize=True; the constants come from transformers."""
+    transformers = pytest.importorskip("transformers")
+    iu = transformers.image_utils
+    kw = lambda s: dict(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, do_normalize=True)
+    return (transformers.CLIPImageProcessorPil(**kw(clip_size)),
+            transformers.BitImageProcessorPil(**kw(dino_size), image_mean=iu.IMAGENET_DEFAULT_MEAN,
+                                              image_std=iu.IMAGENET_DEFAULT_STD))
+
+
+def _within(ours, ref, std, what):
+    """At least 99.9% of values within 2/255 before normalisation (the resize's rounding)."""
+    d = (ours - ref).abs() * torch.tensor(std).view(-1, 1, 1)
+    within = (d <= 2 / 255 + 1e-6).float().mean().item()
+    assert within >= 0.999, f"{what}: only {within:.5f} of values within 2/255 (max {d.max().item() * 255:.1f}/255)"
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("sizes", [(64, 64), (64, 48)])
+def test_joint_preprocess_normalised_like_the_processors(seed, backend, sizes):
+    """The public op against the processors with do_normalize=True: catches constants swapped or
+    mistyped in the package, and an output normalised with the other encoder's table."""
+    if backend == "auto" and not BUILT:
+        pytest.skip("extension not built")
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(90, 120), (130, 70), (64, 64)]]
+    clip, dino = joint_preprocess(images, *sizes, backend=backend)
+    for ours, proc, std in zip((clip, dino), _normalising_processors(*sizes), (CLIP_STD, DINO_STD)):
+        want = torch.from_numpy(np.stack(proc(images, return_tensors="np")["pixel_values"]))
+        if backend == "auto":  # the extension's resize is Pillow's arithmetic
+            torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+        else:
+            for i in range(len(images)):
+                _within(ours[i], want[i], std, f"image {i}")
+
+
+def _photo_like(rng, h, w):
+    """A smooth uint8 image (upsampled coarse noise plus a little grain): on white noise the one-pass
+    float resize of the reference and Pillow's two uint8 passes differ by up to ~8/255 in 0.2% of values."""
+    coarse = torch.from_numpy(rng.uniform(0, 255, (1, 3, 6, 8))).float()
+    x = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+    return (x + torch.from_numpy(rng.normal(0, 4, (h, w, 3))).float()).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _expand2square(image: np.ndarray, colour) -> np.ndarray:
+    """LLaVA-1.5's expand2square, as its code writes it, on PIL images."""
+    from PIL import Image
+
+    pil_img = Image.fromarray(image)
+    width, height = pil_img.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(pil_img.mode, (side, side), colour)
+    result.paste(pil_img, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
+    return np.asarray(result)
+
+
+def _published_colours():
+    iu = pytest.importorskip("transformers").image_utils  # LLaVA: tuple(int(x * 255) for x in image_mean)
+    return tuple(int(x * 255) for x in iu.OPENAI_CLIP_MEAN), tuple(int(x * 255) for x in iu.IMAGENET_DEFAULT_MEAN)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("sizes", [(64, 64), (64, 48)])
+def test_joint_preprocess_pad_matches_expand2square_then_processors(seed, backend, sizes):
+    """aspect="pad" against the PIL composition: expand2square with each encoder's mean colour, then
+    that encoder's processor (do_normalize=True)."""
+    if backend == "auto" and not BUILT:
+        pytest.skip("extension not built")
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(90, 120), (130, 70), (64, 64)]]
+    clip, dino = joint_preprocess(images, *sizes, aspect="pad", backend=backend)
+    for ours, proc, colour, std in zip((clip, dino), _normalising_processors(*sizes), _published_colours(),
+                                       (CLIP_STD, DINO_STD)):
+        want = torch.from_numpy(np.stack(proc([_expand2square(im, colour) for im in images],
+                                              return_tensors="np")["pixel_values"]))
+        if backend == "auto":
+            torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+        else:
+            for i in range(len(images)):
+                _within(ours[i], want[i], std, f"image {i}")
+    crop, _ = joint_preprocess(images, *sizes, backend=backend)
+    assert not torch.equal(crop[0], clip[0]) and torch.equal(crop[2], clip[2])  # square images are not padded
+
+
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("size", [64, 40])
+def test_reference_preprocess_image_matches_processors(seed, size, pad):
+    """comm_fast.reference.preprocess_image (the torch composition) against both processors (after
+    expand2square when padding)."""
+    rng = np.random.default_rng(seed)
+    images = [_photo_like(rng, h, w) for h, w in [(90, 120), (130, 70), (50, 50)]]
+    for proc, (mean, std), colour in zip(_normalising_processors(size, size),
+                                         ((reference.CLIP_MEAN, reference.CLIP_STD),
+                                          (reference.DINO_MEAN, reference.DINO_STD)), _published_colours()):
+        inputs = [_expand2square(im, colour) for im in images] if pad else images
+        want = np.stack(proc(inputs, return_tensors="np")["pixel_values"])
+        for i, im in enumerate(images):
+            ours = reference.preprocess_image(torch.from_numpy(im), size, mean, std, pad=pad)
+            assert ours.shape == (3, size, size)
+            _within(ours, torch.from_numpy(want[i]), std, f"image {i} {im.shape}")
 
 
 @needs_ext
@@ -220,6 +349,7 @@ def test_joint_preprocess_input_forms_agree(seed):
     (lambda: joint_preprocess([np.zeros((8, 8, 3), np.uint8)], clip_size=0), ValueError, "clip_size"),
     (lambda: joint_preprocess([np.zeros((8, 8, 3), np.uint8)], dino_size=-3), ValueError, "dino_size"),
     (lambda: joint_preprocess([np.zeros((8, 8, 3), np.uint8)], dtype=torch.int32), TypeError, "dtype"),
+    (lambda: joint_preprocess([np.zeros((8, 8, 3), np.uint8)], aspect="letterbox"), ValueError, "aspect"),
 ])
 def test_bad_input_raises_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -273,7 +403,8 @@ def test_opcheck_cpu(seed, backend):
         torch.library.opcheck(ops.interpolate_pos_embed.default, (pos, 9, 13, 6, 5, mode, 2, backend))
         torch.library.opcheck(ops.interpolate_pos_embed.default, (pos[0].detach(), 9, 13, 6, 5, mode, 2, backend))
     images = list(torch.randint(0, 256, (2, 30, 41, 3), dtype=torch.uint8).unbind(0))
-    torch.library.opcheck(ops.joint_preprocess.default, (images, True, 16, 20, torch.float32, backend))
+    for aspect in patch.ASPECTS:
+        torch.library.opcheck(ops.joint_preprocess.default, (images, True, 16, 20, torch.float32, aspect, backend))
 
 
 @pytest.mark.parametrize("mode", patch.RESAMPLE_MODES)
