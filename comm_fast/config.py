@@ -6,10 +6,11 @@ import json
 import os
 from typing import Any
 
+from comm_fast.activations import ACTIVATIONS
 from comm_fast.ops.patch import POS_EMBED_MODES, RESAMPLE_MODES
 
 CONFIG_TYPE = "comm_vision_tower"
-MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu")
+MLP_ACTIVATIONS = tuple(ACTIVATIONS)
 
 
 @dataclasses.dataclass

@@ -12,20 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from comm_fast.activations import activation  # noqa: F401  (one definition, re-exported)
 from comm_fast.config import COMMVisionConfig
 from comm_fast.constants import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD, pad_colour  # noqa: F401 (re-exported)
-
-
-def activation(x: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "gelu":
-        return F.gelu(x)                       # exact erf GELU
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if name == "relu":
-        return F.relu(x)
-    if name == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    raise ValueError(f"activation: unknown {name!r}")
 
 
 def layernorm_weighted_sum(hs: Sequence[torch.Tensor], ln_weight, ln_bias, alpha, eps: float = 1e-5):

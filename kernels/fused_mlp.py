@@ -26,7 +26,11 @@ from comm_fast.kernels._utils import cast_to
 from comm_fast.kernels.layernorm_weighted_sum import _check_device
 from comm_fast.kernels.multilevel_merge import _dot_args, _grouped
 
-ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "quick_gelu": 3}
+from comm_fast.activations import ACTIVATIONS as _TORCH_ACTIVATIONS, QUICK_GELU_SCALE  # noqa: E402
+
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "quick_gelu": 3}  # the _act codes
+assert ACTIVATIONS.keys() == _TORCH_ACTIVATIONS.keys(), "an epilogue per activation of comm_fast.activations"
+_QUICK_GELU = tl.constexpr(QUICK_GELU_SCALE)
 EPI_BIAS_ACT, EPI_DACT = 2, 3
 
 
@@ -40,7 +44,7 @@ def _act(x, ACT: tl.constexpr):
     elif ACT == 2:
         return tl.where(x > 0, x, 0.0)
     else:  # quick_gelu
-        return x * tl.sigmoid(1.702 * x)
+        return x * tl.sigmoid(x * _QUICK_GELU)
 
 
 @triton.jit
@@ -54,8 +58,8 @@ def _act_grad(x, ACT: tl.constexpr):
     elif ACT == 2:
         return tl.where(x > 0, 1.0, 0.0)
     else:
-        s = tl.sigmoid(1.702 * x)
-        return s + 1.702 * x * s * (1.0 - s)
+        s = tl.sigmoid(x * _QUICK_GELU)
+        return s + x * _QUICK_GELU * s * (1.0 - s)
 
 
 @triton.jit

@@ -2,8 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-ACT = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
-       "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+from comm_fast.activations import ACTIVATIONS as ACT  # checked against transformers' ACT2FN in tests/test_activations.py
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0, shift=0.0, device="cpu"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from comm_fast import _backend
+from comm_fast.activations import ACTIVATIONS, activation_backward
 from comm_fast.ops import merge_variants
 from comm_fast.ops._custom import note as _note, ran as _ran, register as _register
 
@@ -33,16 +34,6 @@ _CPU_PATH = {
 }
 
 
-def _silu_like(x, k):
-    return x * torch.sigmoid(k * x)
-
-
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "quick_gelu": lambda x: _silu_like(x, 1.702),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,15 +365,6 @@ def _merge_torch_backward(grad, h, stacked, mean, rstd, ln_weight, ln_bias, weig
             ((gamma * p).sum(1) + (beta * q).sum(1) + bias.to(acc) @ s).to(alpha.dtype))
 
 
-def _act_backward(activation: str, dact: Tensor, pre: Tensor) -> Tensor:
-    if activation in ("gelu", "gelu_tanh"):
-        return torch.ops.aten.gelu_backward(dact, pre, approximate="none" if activation == "gelu" else "tanh")
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(dact, pre, 0)
-    s = torch.sigmoid(1.702 * pre)
-    return dact * (s + 1.702 * pre * s * (1 - s))
-
-
 def _mlp_torch(x, w1, b1, w2, b2, activation, save_pre):
     dt = x.dtype
     x2 = x.reshape(-1, x.shape[-1])
@@ -395,7 +377,7 @@ def _mlp_torch_backward(grad, x, pre, w1, w2, activation, need_x):
     dt, acc = x.dtype, _acc(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     dy = grad.reshape(-1, w2.shape[0]).to(dt)
-    dpre = _act_backward(activation, dy @ w2.to(dt), pre)
+    dpre = activation_backward(activation, dy @ w2.to(dt), pre)
     act = ACTIVATIONS[activation](pre)  # recomputed from the saved pre-activation
     dx = (dpre @ w1.to(dt)).view(x.shape) if need_x else x.new_empty(0)
     return (dx, (dpre.t() @ x2).to(w1.dtype), dpre.sum(0, dtype=acc), (dy.t() @ act).to(w2.dtype), dy.sum(0, dtype=acc))
