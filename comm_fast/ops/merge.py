@@ -8,7 +8,8 @@ which is shaped for speed (the merge accumulates its K = L·D GEMM into one outp
 normalisation) rather than a per-layer composition. Backward passes are custom ops as well.
 
 Custom ops: comm_fast::layernorm_weighted_sum[_backward], comm_fast::multilevel_merge[_backward],
-comm_fast::fused_mlp[_backward].
+comm_fast::fused_mlp[_backward], and the in-place inference variants behind ``out=`` / ``accumulate=``
+(streaming a merge as the encoder runs): comm_fast::layernorm_weighted_sum_out, comm_fast::multilevel_merge_out.
 """
 from __future__ import annotations
 
@@ -197,6 +198,50 @@ def _autocast(device_type: str, inputs: list[Tensor], *params: Tensor) -> tuple[
     return [cast(x) for x in inputs], tuple(cast(p) for p in params)
 
 
+def _check_out(op: str, out, accumulate, shape: tuple, dtype: torch.dtype, ref: Tensor, inputs,
+               rows: bool = False) -> None:
+    """out= / accumulate=: a preallocated result written in place, only where no autograd graph is recorded."""
+    if not isinstance(accumulate, bool):
+        raise TypeError(f"accumulate: expected a bool, got {type(accumulate).__name__}")
+    if out is None:
+        if accumulate:
+            raise ValueError(f"accumulate: True adds into out=, but {op} got no out tensor")
+        return
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out: expected shape {list(shape)} (the result's), got {list(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {dtype} (the result's), got {out.dtype}")
+    if out.device != ref.device:
+        raise ValueError(f"out: expected a tensor on {ref.device} (the device of the input), got {out.device}")
+    if shape[-1] > 1 and out.stride(-1) != 1:
+        raise ValueError(f"out: the last dimension (N = {shape[-1]}) must be contiguous (stride 1), "
+                         f"got stride {out.stride(-1)}")
+    if rows:
+        try:
+            out.view(-1, shape[-1])
+        except RuntimeError:
+            raise ValueError(f"out: the leading dimensions must merge into one row stride (a [M, N] view, as a "
+                             f"slice of the last dimension has), got strides {list(out.stride())}") from None
+    if not torch.compiler.is_compiling() and any(  # storage pointers are not traceable
+            out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
+        raise ValueError("out: must not share memory with h or the parameters")
+    if torch.is_grad_enabled() and (out.requires_grad or any(x.requires_grad for x in inputs)):
+        raise RuntimeError(f"out: {op}(out=...) writes in place and records no autograd graph, but an input "
+                           "requires grad; call it under torch.no_grad() (or without out=)")
+
+
+def _out_backend(op: str, backend: str | None, name: str, why: str) -> tuple[str, str]:
+    """The out= path exists for the torch backend only: an explicit 'triton' raises, auto uses torch."""
+    if name != "triton":
+        return name, why
+    if backend is not None:
+        raise NotImplementedError(f"backend: 'triton' has no out=/accumulate path for {op} yet; "
+                                  "use backend='torch' (or 'auto')")
+    return "torch", f"out=/accumulate: the Triton kernels have no such path yet, so the torch path ({why})"
+
+
 def _check_eps(eps) -> float:
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
@@ -227,16 +272,25 @@ def _by_row(h: list[Tensor], stacked: bool, dtype: torch.dtype) -> Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps):
+def _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps, out=None, accumulate=False):
     layers = _layers(h, stacked)
     dt, acc = layers[0].dtype, _acc(layers[0].dtype)
     D = layers[0].shape[-1]
     gamma = (alpha[:, None] * ln_weight).to(dt)  # α folded into the affine: one fused LN per layer
     beta = (alpha[:, None] * ln_bias).to(dt)
-    out = torch.zeros(layers[0].shape, dtype=acc, device=layers[0].device)
+    direct = out is not None and out.dtype == acc  # sum straight into the caller's tensor
+    total = out if direct else torch.empty(layers[0].shape, dtype=acc, device=layers[0].device)
     for l, x in enumerate(layers):  # memory-bound: one LN pass per layer, accumulated in place
-        out.add_(F.layer_norm(x, (D,), gamma[l], beta[l], eps))
-    return out if dt == acc else out.to(dt)
+        y = F.layer_norm(x, (D,), gamma[l], beta[l], eps)
+        if l == 0 and not (direct and accumulate):
+            total.copy_(y)
+        else:
+            total.add_(y)
+    if direct:
+        return out
+    if out is None:
+        return total if dt == acc else total.to(dt)
+    return out.add_(total) if accumulate else out.copy_(total)  # a 16-bit out: the sum stays fp32 until here
 
 
 def _lnws_torch_backward(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_h):
@@ -262,26 +316,45 @@ def _lnws_torch_backward(grad, h, stacked, ln_weight, ln_bias, alpha, eps, need_
             (a[:, None] * s2).to(ln_bias.dtype), ((gamma * s1).sum(1) + ln_bias.to(acc) @ s2).to(alpha.dtype))
 
 
-def _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps):
-    """The GEMM over K = L·D as L rank-D updates of one output, each fed by a fused LayerNorm of
-    one layer (α folded into its affine). Measured on 2 CPU cores (L=24, M=576, D=1024, fp32):
-    one addmm over a normalised [M, L·D] copy and a permuted [N, L·D] weight copy ran at 0.63x the
-    eager per-layer composition; this form writes no copy larger than one layer's [M, D]."""
-    layers = _layers(h, stacked)
+def _merge_torch_into(out2d, layers, ln_weight, ln_bias, weight, bias, alpha, eps, accumulate, stats=None):
+    """out2d [M, N] (+)= Σ_l α_l (LN_l(x_l) W_lᵀ + b_l): the GEMM over K = L·D as L rank-D updates of
+    out2d itself (addmm_, beta = 1: the GEMM reads and accumulates C, no separate add pass), each fed by
+    a fused LayerNorm of one layer with α folded into its affine. The bias sum is out2d's initial value
+    (skipped when accumulating with bias None). ``stats``: (mean, rstd) [L, M] buffers to fill.
+    Measured on 2 CPU cores (L=24, M=576, D=1024, fp32): one addmm over a normalised [M, L·D] copy and a
+    permuted [N, L·D] weight copy ran at 0.63x the eager per-layer composition; this form writes no copy
+    larger than one layer's [M, D]."""
     dt, acc = layers[0].dtype, _acc(layers[0].dtype)
-    L, N, D = weight.shape
-    lead = layers[0].shape[:-1]
-    M = lead.numel()
+    M, D = out2d.shape[0], layers[0].shape[-1]
     gamma = alpha.to(acc)[:, None] * ln_weight.to(acc)
     beta = alpha.to(acc)[:, None] * ln_bias.to(acc)
     w = weight.to(dt)
-    mean = torch.empty(L, M, dtype=acc, device=layers[0].device)
-    rstd = torch.empty_like(mean)
-    out = (alpha.to(acc) @ bias.to(acc)).to(dt).expand(M, N).contiguous()
+    keep = 1.0  # beta of the first GEMM: 0 overwrites out2d (NaN in it included), 1 accumulates
+    if bias is not None:
+        b = (alpha.to(acc) @ bias.to(acc)).to(out2d.dtype)
+        if accumulate:
+            out2d.add_(b)
+        else:
+            out2d.copy_(b.expand_as(out2d))
+    elif not accumulate:
+        keep = 0.0
     for l, x in enumerate(layers):
         a, m, r = torch.native_layer_norm(x.to(acc), (D,), gamma[l], beta[l], eps)
-        mean[l], rstd[l] = m.reshape(M), r.reshape(M)
-        out.addmm_(a.to(dt).reshape(M, D), w[l].t())
+        if stats is not None:
+            stats[0][l], stats[1][l] = m.reshape(M), r.reshape(M)
+        out2d.addmm_(a.to(dt).reshape(M, D), w[l].t(), beta=keep if l == 0 else 1.0)
+    return out2d
+
+
+def _merge_torch(h, stacked, ln_weight, ln_bias, weight, bias, alpha, eps):
+    layers = _layers(h, stacked)
+    L, N, _ = weight.shape
+    lead = layers[0].shape[:-1]
+    M = lead.numel()
+    mean = torch.empty(L, M, dtype=_acc(layers[0].dtype), device=layers[0].device)
+    rstd = torch.empty_like(mean)
+    out = layers[0].new_empty((M, N))
+    _merge_torch_into(out, layers, ln_weight, ln_bias, weight, bias, alpha, eps, False, (mean, rstd))
     return out.view(*lead, N), mean, rstd
 
 
@@ -464,6 +537,29 @@ def _merge_autograd(ctx, grad, _grad_mean, _grad_rstd):
 _merge_op.register_autograd(_merge_autograd, setup_context=_merge_setup)
 
 
+# out= / accumulate variants: inference only (no autograd), they write the caller's tensor in place.
+def _lnws_out_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, alpha: Tensor, eps: float,
+                   backend: str, out: Tensor, accumulate: bool) -> None:
+    _ran("layernorm_weighted_sum", backend)
+    _lnws_torch(h, stacked, ln_weight, ln_bias, alpha, eps, out, accumulate)
+
+
+def _merge_out_impl(h: list[Tensor], stacked: bool, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor,
+                    bias: Tensor | None, alpha: Tensor, eps: float, backend: str, out: Tensor,
+                    accumulate: bool) -> None:
+    _ran("multilevel_merge", backend)
+    _merge_torch_into(out.view(-1, out.shape[-1]), _layers(h, stacked), ln_weight, ln_bias, weight, bias, alpha,
+                      eps, accumulate)
+
+
+def _no_result(*args) -> None:
+    return None
+
+
+_lnws_out_op = _register("layernorm_weighted_sum_out", _lnws_out_impl, _no_result, mutates_args=("out",))
+_merge_out_op = _register("multilevel_merge_out", _merge_out_impl, _no_result, mutates_args=("out",))
+
+
 def _mlp_impl(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str, save_pre: bool,
               backend: str) -> tuple[Tensor, Tensor]:
     _ran("fused_mlp", backend)
@@ -524,12 +620,17 @@ _mlp_op.register_autograd(_mlp_autograd, setup_context=_mlp_setup)
 # ---------------------------------------------------------------------------------------------
 
 
-def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, backend: str | None = None):
+def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, backend: str | None = None, *,
+                           out: Tensor | None = None, accumulate: bool = False):
     """Σ_l alpha_l · LayerNorm(h_l; ln_weight_l, ln_bias_l).
 
     h: stacked [L, ..., D] (any strides but the last, e.g. h[:, :, 1:] to drop CLS) or a list of L
     tensors [..., D] (not stacked: the kernels read them in place). ln_weight, ln_bias: [L, D];
     alpha: [L] (raw weights: apply a softmax before the call if wanted). Returns [..., D] in h's dtype.
+
+    out: a preallocated [..., D] result in h's dtype (last dimension contiguous), written and returned;
+    accumulate=True adds the sum into it. Both record no autograd graph (an input that requires grad
+    under grad mode is an error) and run the torch path.
     """
     arg, stacked, L, shape, ref = _hidden_states(h)
     D = shape[-1]
@@ -537,15 +638,30 @@ def layernorm_weighted_sum(h, ln_weight, ln_bias, alpha, eps: float = 1e-5, back
     _check_param("ln_bias", ln_bias, (L, D), "[L, D]", ref)
     _check_param("alpha", alpha, (L,), "[L]", ref)
     eps = _check_eps(eps)
+    _check_out("layernorm_weighted_sum", out, accumulate, shape, ref.dtype, ref, (*arg, ln_weight, ln_bias, alpha))
     name, why = _resolve("layernorm_weighted_sum", backend, ref.device.type)
+    if out is not None:
+        name, why = _out_backend("layernorm_weighted_sum", backend, name, why)
+        _note("layernorm_weighted_sum", name, why)
+        _lnws_out_op(arg, stacked, ln_weight, ln_bias, alpha, eps, name, out, accumulate)
+        return out
     _note("layernorm_weighted_sum", name, why)
     return _lnws_op(arg, stacked, ln_weight, ln_bias, alpha, eps, name)
 
 
-def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e-5, backend: str | None = None):
+def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e-5, backend: str | None = None, *,
+                     out: Tensor | None = None, accumulate: bool = False):
     """Σ_l alpha_l · (LayerNorm(h_l; ln_weight_l, ln_bias_l) · weight_lᵀ + bias_l).
 
-    h as for layernorm_weighted_sum; weight: [L, D_out, D]; bias: [L, D_out]. Returns [..., D_out].
+    h as for layernorm_weighted_sum; weight: [L, D_out, D]; bias: [L, D_out], or None for no bias term.
+    Returns [..., D_out] (in autocast's dtype under torch.autocast).
+
+    out: a preallocated [..., D_out] result in the result's dtype (last dimension contiguous, the leading
+    ones one row stride), written and returned; accumulate=True adds the merge into it, the GEMM
+    accumulating into out itself (C += A·Wᵀ), with no separate add pass over out when bias is None (a
+    bias costs one broadcast add: to stream a merge layer by layer, start out at the bias sum and pass
+    bias=None). Both record no autograd graph (an input that requires grad under grad mode is an error)
+    and run the torch path.
     """
     arg, stacked, L, shape, ref = _hidden_states(h)
     D = shape[-1]
@@ -554,14 +670,27 @@ def multilevel_merge(h, ln_weight, ln_bias, weight, bias, alpha, eps: float = 1e
     _check_float("weight", weight)
     if weight.dim() != 3:
         raise ValueError(f"weight: expected shape [L, D_out, D] = [{L}, D_out, {D}], got {list(weight.shape)}")
-    _check_param("weight", weight, (L, weight.shape[1], D), "[L, D_out, D]", ref)
-    _check_param("bias", bias, (L, weight.shape[1]), "[L, D_out]", ref)
+    N = weight.shape[1]
+    _check_param("weight", weight, (L, N, D), "[L, D_out, D]", ref)
+    if bias is not None:
+        _check_param("bias", bias, (L, N), "[L, D_out]", ref)
     _check_param("alpha", alpha, (L,), "[L]", ref)
     eps = _check_eps(eps)
+    params = (ln_weight, ln_bias, weight, alpha) + (() if bias is None else (bias,))
+    result = ref.dtype if ref.dtype == torch.float64 else autocast_dtype(ref.device.type) or ref.dtype
+    _check_out("multilevel_merge", out, accumulate, (*shape[:-1], N), result, ref, (*arg, *params), rows=True)
     name, why = _resolve("multilevel_merge", backend, ref.device.type)
+    if out is not None:
+        name, why = _out_backend("multilevel_merge", backend, name, why)
     _note("multilevel_merge", name, why)
-    arg, (ln_weight, ln_bias, weight, bias, alpha) = _autocast(ref.device.type, arg, ln_weight, ln_bias, weight,
-                                                               bias, alpha)
+    arg, (ln_weight, ln_bias, weight, alpha) = _autocast(ref.device.type, arg, ln_weight, ln_bias, weight, alpha)
+    if bias is not None:
+        bias = _autocast(ref.device.type, [], bias)[1][0]
+    if out is not None:
+        _merge_out_op(arg, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, name, out, accumulate)
+        return out
+    if bias is None:
+        bias = weight.new_zeros(L, N)
     return _merge_op(arg, stacked, ln_weight, ln_bias, weight, bias, alpha, eps, name)[0]
 
 
