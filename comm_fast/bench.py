@@ -412,11 +412,13 @@ def _tower_case(p, device) -> Case:
     fused, ref = _inference(tower, px), _inference(ref_model, px)
 
     def report(row: dict) -> dict:
-        out = {"inference_merge": tower.inference_variant()[0], "rss_note": (
-            "peak RSS: VmHWM of a fresh process per contender, reset (/proc/self/clear_refs) after loading, "
-            "over 2 inferences; extra = peak - RSS at the reset; speeds: medians, contenders in alternation "
-            "in this process")}
-        for b in p["tower_rss_batches"] if device.type == "cpu" else ():
+        out = {"inference_merge": tower.inference_variant()[0]}
+        batches = p["tower_rss_batches"] if device.type == "cpu" else ()
+        if batches:
+            out["rss_note"] = ("peak RSS: VmHWM of a fresh process per contender, reset (/proc/self/clear_refs) "
+                               "after loading, over 2 inferences; extra = peak - RSS at the reset; speeds: "
+                               "medians, contenders in alternation in this process")
+        for b in batches:
             if b == B:  # the row's own timing
                 times = {"fused": row["ms"], "ref": row["ref_ms"]}
             else:
