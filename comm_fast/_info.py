@@ -12,6 +12,7 @@ from comm_fast import _backend, _ext
 def info() -> dict:
     from comm_fast.models.attention import attention_backend
     from comm_fast.ops import merge, patch
+    from comm_fast.tower import INFERENCE_RULE
 
     ext, ext_reason = _ext.load()
     try:
@@ -37,6 +38,7 @@ def info() -> dict:
         "extension": {"loaded": ext is not None, "cuda": _ext.has_cuda(), "reason": ext_reason},
         "attention": {"backend": attn, "reason": attn_reason},
         "ops": ops,
+        "tower": {"inference_merge": INFERENCE_RULE, "last_used": last.get("tower")},
     }
 
 
@@ -58,6 +60,10 @@ def format_info(data: dict) -> str:
             lines.append(f"{'':<24}last ran: {e['last_used']['backend']} ({e['last_used']['reason']})")
         for key, v in e.get("variants", {}).items():  # multilevel_merge: the forward variant per shape
             lines.append(f"{'':<24}variant {v['variant']} for {key}: {v['reason']}")
+    tower = data["tower"]
+    lines.append(f"tower inference: {tower['inference_merge']}")
+    if tower.get("last_used"):
+        lines.append(f"{'':<24}last ran: {tower['last_used']['backend']} ({tower['last_used']['reason']})")
     return "\n".join(lines)
 
 

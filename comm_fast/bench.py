@@ -27,16 +27,20 @@ from comm_fast import _backend, reference
 # ----------------------------------------------------------------------------------- presets
 PRESETS = {
     # CPU, fp32, sized for 2 cores and a few minutes: one 336px image for the merges
+    # (the tower: ViT-B x 2 at 224 px, timed at batch 4, peak RSS and speed also at 16)
     "cpu-small": dict(dtype=torch.float32, clip_l=24, dino_l=6, d=1024, tokens=576, batch=1, mlp_hidden=4096,
-                      resample_batch=8, images=32, tower_batch=2, tower_dim=256, tower_heads=4, reps=7,
+                      resample_batch=8, images=32, tower_batch=4, tower_dim=768, tower_heads=12, tower_layers=12,
+                      tower_image=224, tower_clip_patch=16, tower_rss_batches=(4, 16), reps=7,
                       ceiling_bytes=256 * 2**20, ceiling_gemm=2048),
     # the real sizes of the paper's model: CLIP ViT-L/14 at 336, batch 32, bf16
     "h200": dict(dtype=torch.bfloat16, clip_l=24, dino_l=6, d=1024, tokens=576, batch=32, mlp_hidden=4096,
-                 resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, reps=20,
+                 resample_batch=64, images=32, tower_batch=16, tower_dim=1024, tower_heads=16, tower_layers=24,
+                 tower_image=336, tower_clip_patch=14, tower_rss_batches=(), reps=20,
                  ceiling_bytes=2 * 2**30, ceiling_gemm=8192),
     # a smoke run in seconds (the GPU check's rehearsal on a CPU): its times say nothing
     "cpu-tiny": dict(dtype=torch.float32, clip_l=3, dino_l=2, d=64, tokens=16, batch=1, mlp_hidden=128,
-                     resample_batch=1, images=2, tower_batch=1, tower_dim=64, tower_heads=2, reps=2,
+                     resample_batch=1, images=2, tower_batch=1, tower_dim=64, tower_heads=2, tower_layers=4,
+                     tower_image=56, tower_clip_patch=14, tower_rss_batches=(), reps=2,
                      ceiling_bytes=8 * 2**20, ceiling_gemm=256),
 }
 
@@ -222,6 +226,7 @@ class Case:
     check: Callable[[], tuple] | None = None
     check_rule: dict = dataclasses.field(default_factory=dict)  # outputs_agree keywords, e.g. for resamplers
     notes: list = dataclasses.field(default_factory=list)   # said in the row's note
+    report: Callable[[dict], dict] | None = None   # row -> more fields the subject measures itself (tower RSS)
 
 
 # ----------------------------------------------------------------------------------- cases
@@ -429,45 +434,143 @@ def _preprocess_case(p, device) -> Case:
                 check=lambda: (ops.joint_preprocess(dev_images), ref()), check_rule=rule)
 
 
-def tower_config(d: int, heads: int, out_dim: int):
-    """A COMMVisionConfig with ViT-L's depth (24 + 24 blocks) at width d, both encoders at 336px."""
+def tower_config(d: int, heads: int, out_dim: int, layers: int = 24, image_size: int = 336, clip_patch: int = 14):
+    """A COMMVisionConfig of two ViTs of ``layers`` blocks at width d (CLIP with patch ``clip_patch``, DINOv2
+    /14 trained at 518) at ``image_size``: CLIP's blocks all merged, DINOv2's last quarter (19..24 of 24)."""
     from comm_fast import COMMVisionConfig
     from comm_fast.models import ViTConfig
 
-    clip = ViTConfig(family="clip", hidden_size=d, num_layers=24, num_heads=heads, mlp_hidden=4 * d, patch_size=14,
-                     image_size=336, layer_norm_eps=1e-5, activation="quick_gelu", pre_norm=True, patch_bias=False)
-    dino = ViTConfig(family="dinov2", hidden_size=d, num_layers=24, num_heads=heads, mlp_hidden=4 * d, patch_size=14,
-                     image_size=518, layer_norm_eps=1e-6, activation="gelu", layerscale=True)
-    return COMMVisionConfig(clip=clip.to_dict(), dino=dino.to_dict(), out_dim=out_dim)
+    clip = ViTConfig(family="clip", hidden_size=d, num_layers=layers, num_heads=heads, mlp_hidden=4 * d,
+                     patch_size=clip_patch, image_size=image_size, layer_norm_eps=1e-5, activation="quick_gelu",
+                     pre_norm=True, patch_bias=False)
+    dino = ViTConfig(family="dinov2", hidden_size=d, num_layers=layers, num_heads=heads, mlp_hidden=4 * d,
+                     patch_size=14, image_size=518, layer_norm_eps=1e-6, activation="gelu", layerscale=True)
+    return COMMVisionConfig(clip=clip.to_dict(), dino=dino.to_dict(), out_dim=out_dim,
+                            clip_layers=tuple(range(1, layers + 1)),
+                            dino_layers=tuple(range(layers - layers // 4 + 1, layers + 1)),
+                            clip_image_size=image_size, dino_image_size=image_size)
 
 
-def _tower_case(p, device) -> Case:
-    """The tower under no_grad (streaming merge) against the composition a user would write from
-    transformers' models: output_hidden_states=True plus per-layer LayerNorm + Linear modules."""
+def _tower_models(p, device, seed: int = 0):
+    """(tower, naive composition with the same weights, pixels maker) of the preset, eval mode."""
     from comm_fast import COMMVisionTower
     from comm_fast.reference import COMMReference
 
-    d, B = p["tower_dim"], p["tower_batch"]
-    tower = COMMVisionTower(tower_config(d, p["tower_heads"], 2 * d))
+    torch.manual_seed(seed)
+    d = p["tower_dim"]
+    tower = COMMVisionTower(tower_config(d, p["tower_heads"], 2 * d, p["tower_layers"], p["tower_image"],
+                                         p["tower_clip_patch"]))
     ref_model = COMMReference.from_tower(tower)
     tower = tower.to(device, p["dtype"]).eval()
     ref_model = ref_model.to(device, p["dtype"]).eval()
-    px = torch.randn(B, 3, 336, 336, device=device, dtype=p["dtype"])
+    pixels = lambda B: torch.randn(B, 3, p["tower_image"], p["tower_image"], device=device, dtype=p["dtype"])  # noqa: E731
+    return tower, ref_model, pixels
 
-    def fused():
+
+def _inference(model, px):
+    def call():
         with torch.no_grad():
-            return tower(px, px)
+            return model(px, px)
+    return call
 
-    def ref():
-        with torch.no_grad():
-            return ref_model(px, px)
 
-    n_params = sum(t.numel() for t in tower.parameters())
-    flops = 2 * n_params * B * 577  # weights touched once per token; attention left out
-    return Case("tower", f"B={B} 336px, 2 x 24 blocks of width {d}, inference", fused, ref, ref_model,
-                compile_args=(px, px), compile_on_cpu=False,
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+TOWER_KEYS = ("tower_dim", "tower_heads", "tower_layers", "tower_image", "tower_clip_patch")
+
+
+def peak_rss_child(spec: dict, contender: str, batch: int, calls: int = 2) -> dict:
+    """In a fresh process: build both contenders (the same history for either), keep ``contender`` ("fused"
+    or "ref"), free the other and trim the heap, reset the high-water mark (/proc/self/clear_refs), run
+    ``calls`` inferences and read VmHWM. ``spec``: the preset's TOWER_KEYS and its dtype's name.
+    Returns MB: the process's peak, its RSS at the reset, the difference."""
+    p = {**spec, "dtype": getattr(torch, spec["dtype"])}
+    tower, ref_model, pixels = _tower_models(p, torch.device("cpu"))
+    model = tower if contender == "fused" else ref_model
+    del tower, ref_model
+    px = pixels(batch)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the freed twin goes back to the OS for either contender
+    except (OSError, AttributeError):
+        pass
+    call = _inference(model, px)
+    return peak_rss_mb(lambda: [call() for _ in range(calls)])
+
+
+def peak_rss_mb(fn: Callable) -> dict:
+    """The process's resident-set peak (VmHWM, MB) over ``fn()``, the high-water mark reset just before it
+    (/proc/self/clear_refs), with the RSS at the reset and the difference (Linux only)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS now
+    base = _status_mb("VmRSS")
+    fn()
+    hwm = _status_mb("VmHWM")
+    return {"peak_rss_mb": round(hwm, 1), "rss_at_reset_mb": round(base, 1), "extra_peak_rss_mb": round(hwm - base, 1)}
+
+
+def tower_peak_rss(p: dict, batch: int, contender: str, timeout_s: float = 900) -> dict:
+    """peak_rss_child in a subprocess (same interpreter and thread count): a process that ran the other
+    contender keeps that one's heap, so each contender's peak is measured in a process of its own."""
+    import subprocess
+
+    spec = {**{k: p[k] for k in TOWER_KEYS}, "dtype": str(p["dtype"]).split(".")[-1]}
+    code = (f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); from comm_fast import bench; "
+            f"print(json.dumps(bench.peak_rss_child({spec!r}, {contender!r}, {batch})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak RSS child ({contender}, batch {batch}) failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _tower_case(p, device) -> Case:
+    """The tower under no_grad against the composition a user would write from transformers' models:
+    output_hidden_states=True plus per-layer LayerNorm + Linear modules. On CPU the row also carries, per
+    batch of ``tower_rss_batches``, each contender's peak RSS (a fresh process each) and both speeds (timed
+    in alternation in this process)."""
+    B = p["tower_batch"]
+    tower, ref_model, pixels = _tower_models(p, device)
+    px = pixels(B)
+    fused, ref = _inference(tower, px), _inference(ref_model, px)
+
+    def report(row: dict) -> dict:
+        out = {"inference_merge": tower.inference_variant()[0]}
+        batches = p["tower_rss_batches"] if device.type == "cpu" else ()
+        if batches:
+            out["rss_note"] = ("peak RSS: VmHWM of a fresh process per contender, reset (/proc/self/clear_refs) "
+                               "after loading, over 2 inferences; extra = peak - RSS at the reset; speeds: "
+                               "medians, contenders in alternation in this process")
+        for b in batches:
+            if b == B:  # the row's own timing
+                times = {"fused": row["ms"], "ref": row["ref_ms"]}
+            else:
+                times = time_interleaved({"fused": _inference(tower, pixels(b)), "ref": _inference(ref_model, pixels(b))},
+                                         device, reps=3, warmup=1)
+            mine, naive = tower_peak_rss(p, b, "fused"), tower_peak_rss(p, b, "ref")
+            out[f"batch{b}"] = {"ms": round(times["fused"], 1), "ref_ms": round(times["ref"], 1),
+                                "speedup_vs_ref": round(times["ref"] / times["fused"], 3),
+                                "peak_rss_mb": mine, "ref_peak_rss_mb": naive,
+                                "extra_peak_rss_ratio": round(mine["extra_peak_rss_mb"] / naive["extra_peak_rss_mb"], 3),
+                                "peak_rss_ratio": round(mine["peak_rss_mb"] / naive["peak_rss_mb"], 3)}
+        return out
+
+    count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
+    n_params, tokens = count(tower), lambda enc: enc.num_tokens(tuple(px.shape[-2:]))  # noqa: E731
+    rest = n_params - count(tower.clip) - count(tower.dino)
+    # weights touched once per token (heads once per visual token); attention left out
+    flops = 2 * B * (count(tower.clip) * tokens(tower.clip) + count(tower.dino) * tokens(tower.dino)
+                     + rest * tower.num_tokens)
+    return Case("tower", f"B={B} {p['tower_image']}px, 2 x {p['tower_layers']} blocks of width {p['tower_dim']}, "
+                f"inference", fused, ref, ref_model, compile_args=(px, px), compile_on_cpu=False,
                 ref_name="transformers encoders + per-layer nn.LayerNorm/nn.Linear",
-                flops=flops, bytes=n_params * torch.finfo(p["dtype"]).bits // 8, op="multilevel_merge")
+                flops=flops, bytes=n_params * torch.finfo(p["dtype"]).bits // 8, op="multilevel_merge",
+                report=report)
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -590,6 +693,8 @@ def _measure(case: Case, p, device, bw_gbs, tflops, compile_ref) -> dict:
     }
     for name, value in extra.items():
         row[f"speedup_vs_{name}"] = round(value / ms, 3)
+    if case.report is not None:
+        row.update(case.report(row))
     return row
 
 

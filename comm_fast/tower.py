@@ -6,9 +6,11 @@
     m   = MLP(v2)                                dino_mlp    (fused_mlp)
     out = Projector([v1 ; m])                    projector   (v1·P_aᵀ + m·P_bᵀ, no concat)
 
-Under torch.no_grad() the merges are accumulated layer by layer as the encoders run, so at most
-one hidden state per encoder is alive; with autograd the requested hidden states go into one
-preallocated buffer that the merge reads in place.
+Under torch.no_grad() the merges are accumulated layer by layer as the encoders run, the GEMM adding
+each layer's term into the output itself, and the encoders write their blocks into two reused
+buffers: memory independent of the number of merged layers by construction (COMMVisionTower.
+inference_merge states the rule and the alternative). With autograd the requested hidden states go
+into one preallocated buffer that the merge reads in place.
 """
 from __future__ import annotations
 
@@ -20,12 +22,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from comm_fast import ops
+from comm_fast import _backend, ops
 from comm_fast.ops.merge import autocast_dtype
 from comm_fast._io import atomic_directory, save_safetensors
 from comm_fast.config import CONFIG_TYPE, COMMVisionConfig
 from comm_fast.models import CLIPVisionEncoder, DINOv2Encoder, ViTConfig, loading
 from comm_fast.models.vit import ViTEncoder
+
+
+INFERENCE_RULE = ("auto: stream (the merge accumulated into its output by the op as each hidden state is made, "
+                  "two reused hidden-state buffers per encoder), on every device")
 
 
 class MultiLevelMerge(nn.Module):
@@ -71,15 +77,25 @@ class MultiLevelMerge(nn.Module):
         return F.linear(ops.layernorm_weighted_sum(h, self.ln_weight, self.ln_bias, w, self.eps),
                         self.weight, self.bias)
 
-    def contribution(self, l: int, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Layer l's term of the sum, for streaming (before the shared Linear when there is one)."""
+    def accumulate(self, out: torch.Tensor | None, l: int, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Streaming (no autograd): add layer l's term into ``out`` (None before the first layer), the
+        op writing into it itself — for the per-layer Linear the GEMM accumulates into out (C += A·Wᵀ),
+        which starts at the bias sum Σ_l w_l b_l, so no pass over out but the GEMMs'."""
         sl = slice(l, l + 1)
-        if self.per_layer_linear:
-            return ops.multilevel_merge([h], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl],
-                                        self.bias[sl], w[sl], self.eps)
-        return ops.layernorm_weighted_sum([h], self.ln_weight[sl], self.ln_bias[sl], w[sl], self.eps)
+        if not self.per_layer_linear:
+            first = out is None
+            out = h.new_empty(h.shape) if first else out
+            return ops.layernorm_weighted_sum([h], self.ln_weight[sl], self.ln_bias[sl], w[sl], self.eps,
+                                              out=out, accumulate=not first)
+        if out is None:
+            dtype = autocast_dtype(h.device.type) if h.dtype != torch.float64 else None
+            out = h.new_empty((*h.shape[:-1], self.weight.shape[1]), dtype=dtype or h.dtype)
+            out.copy_((w @ self.bias).expand(out.shape))
+        return ops.multilevel_merge([h], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl], None, w[sl],
+                                    self.eps, out=out, accumulate=True)
 
     def finish(self, acc: torch.Tensor) -> torch.Tensor:
+        """The streamed sum as the merge's output (the shared Linear applied once, when there is one)."""
         return acc if self.per_layer_linear else F.linear(acc, self.weight, self.bias)
 
 
@@ -201,19 +217,40 @@ class COMMVisionTower(nn.Module):
     def _encoders_frozen(self) -> bool:
         return not any(p.requires_grad for p in (*self.clip.parameters(), *self.dino.parameters()))
 
+    # Inference (no autograd) merges in one of two ways; ``inference_merge`` picks ("auto" by the rule):
+    #   "stream":   each hidden state's term is accumulated into the merge output by the op itself as the
+    #               encoder produces it (the encoder's two ping-pong buffers): memory independent of L.
+    #   "buffered": the L hidden states go into one [L, B, T, D] buffer and the one-GEMM merge (K = L·D)
+    #               reads it: one GEMM instead of L, at the cost of L hidden states.
+    # Rule for "auto": "stream" everywhere, the bounded memory being the point of inference here. On the
+    # torch path (CPU) the one-GEMM merge is itself L rank-D updates of one output, the same GEMMs as
+    # streaming, plus L copies into the buffer (measured on 2 shared CPU cores, ViT-B x 2 at 224 px, fp32,
+    # alternated, fastest of 6: batch 4 stream 2430 ms, buffered 2428 ms; the medians drift with the
+    # machine's load either way); on CUDA the Triton one-GEMM kernel would spare L - 1
+    # reads/writes of the output (a prediction: a few per cent of the tower at ViT-L sizes, not measured
+    # on a GPU yet), while the buffer costs as much as the naive composition's hidden states.
+    inference_merge = "auto"
+    INFERENCE_MERGES = ("auto", "stream", "buffered")
+
+    def inference_variant(self) -> tuple[str, str]:
+        """(variant, why) the no-autograd forward uses: see ``inference_merge``."""
+        if self.inference_merge not in self.INFERENCE_MERGES:
+            raise ValueError(f"inference_merge: expected one of {self.INFERENCE_MERGES}, got {self.inference_merge!r}")
+        if self.inference_merge != "auto":
+            return self.inference_merge, "requested (inference_merge)"
+        return "stream", INFERENCE_RULE
+
     def _merged(self, encoder: ViTEncoder, merge: MultiLevelMerge, pixels, layers) -> torch.Tensor:
         """Σ_l w_l · LLN_l over the requested layers' patch tokens."""
         skip = encoder.config.num_prefix_tokens  # CLS (+ registers) are not merged
         if not torch.is_grad_enabled():
-            # streaming: each layer's term is added as the encoder produces it
-            w = merge.weights()
-            slot = {idx: k for k, idx in enumerate(layers)}
-            acc = None
-            for idx, h in encoder.iter_hidden_states(pixels, layers):
-                term = merge.contribution(slot[idx], h[:, skip:], w)
-                acc = term if acc is None else acc.add_(term)
-                del term, h  # only the running sum stays alive while the next block runs
-            return merge.finish(acc)
+            variant, why = self.inference_variant()
+            _backend.record("tower", variant, why)
+            if variant == "stream":
+                w, slot, out = merge.weights(), {idx: k for k, idx in enumerate(layers)}, None
+                for idx, h in encoder.iter_hidden_states(pixels, layers):
+                    out = merge.accumulate(out, slot[idx], h[:, skip:], w)
+                return merge.finish(out)
         # under autocast the merge GEMM reads the buffer in autocast's dtype: store it so, no cast copy
         dtype = autocast_dtype(pixels.device.type) if merge.per_layer_linear else None
         if self._encoders_frozen() and not pixels.requires_grad:

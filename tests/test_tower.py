@@ -1,6 +1,10 @@
 """COMMVisionTower against the reference composition on transformers' models; save/load round trip."""
+import weakref
+
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from comm_fast import COMMVisionConfig, COMMVisionTower
 from comm_fast.reference import COMMReference
@@ -180,6 +184,112 @@ def test_streaming_inference_memory_does_not_grow_with_merged_layers(tmp_path, s
     assert buffered_growth > 3.5 * one_state_mb, buffered_growth  # the measurement sees hidden states
 
 
+def test_inference_merge_variants(tmp_path, seed):
+    """inference_merge picks the no-grad variant ("auto" streams); both match the reference and the tower
+    records which ran (comm_fast.info()["tower"])."""
+    from comm_fast import _backend, info
+
+    tower, ref = _build(tmp_path)
+    px = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        expected = ref(px, px)
+        for variant in ("auto", "stream", "buffered"):
+            tower.inference_merge = variant
+            assert rel_err(tower(px, px), expected) <= 1e-5
+            assert _backend.last_used()["tower"]["backend"] == ("stream" if variant == "auto" else variant)
+        assert info()["tower"]["last_used"] == {"backend": "buffered", "reason": "requested (inference_merge)"}
+        tower.inference_merge = "fused"
+        with pytest.raises(ValueError, match="inference_merge: expected one of .*'auto', 'stream', 'buffered'.* got 'fused'"):
+            tower(px, px)
+
+
+def test_streaming_merge_accumulates_in_the_gemm(tmp_path, seed):
+    """Under no_grad each merged layer's term goes into the merge output by the GEMM itself (addmm_ into
+    it, beta = 1): no add pass over a tensor of the merge output's size, one GEMM per merged layer."""
+    from comm_fast import _backend
+
+    tower, _ = _build(tmp_path)
+    px = torch.randn(2, 3, 56, 56)
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        tower(px, px)
+    merge_out = ([2 * 16, 64], [2, 16, 64])  # 2 images x 16 patch tokens x 64 channels (both encoders)
+    calls = [e.name for e in prof.events() if e.input_shapes and e.input_shapes[0] in merge_out]
+    assert calls.count("aten::addmm_") == len(BASE["clip_layers"]) + len(BASE["dino_layers"])
+    assert "aten::add_" not in calls and "aten::add" not in calls, calls
+    assert _backend.last_used()["tower"] == {"backend": "stream", "reason": tower.inference_variant()[1]}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages allocated by ops inside the mode that are still referenced by a tensor,
+    sampled after every op: live bytes counted from the tensors, whatever the allocator keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[int, dict]] = {}  # storage address -> (bytes, {id: weakref of a tensor on it})
+        self.peak = 0
+
+    def _forget(self, ptr, key):
+        entry = self.live.get(ptr)
+        if entry is not None:
+            entry[1].pop(key, None)
+            if not entry[1]:
+                del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.live and ptr in inputs:
+                continue  # a view or in-place result of a tensor from outside (a parameter, the input)
+            refs = self.live.setdefault(ptr, (t.untyped_storage().nbytes(), {}))[1]
+            refs[id(t)] = weakref.ref(t, lambda _, ptr=ptr, key=id(t): self._forget(ptr, key))
+        self.peak = max(self.peak, sum(n for n, _ in self.live.values()))
+        return out
+
+
+def test_inference_memory_is_independent_of_the_merged_depth(tmp_path, seed):
+    """No-grad inference holds two hidden states per encoder (the ping-pong buffers) and one merge output,
+    however many blocks run and are merged: merging blocks 1..6 of a 6-block pair keeps no more tensors
+    alive than merging 1..2 of a 2-block pair. The autograd (buffered) path does hold them all."""
+    px = torch.randn(4, 3, 56, 56)
+    state = 4 * 17 * 64 * 4  # one hidden state: 4 images x 17 tokens x 64 channels, fp32
+
+    def peak(depth, grad):
+        clip_hf, dino_hf = hf_clip(num_hidden_layers=depth), hf_dinov2(num_hidden_layers=depth)
+        clip_hf.save_pretrained(tmp_path / f"clip{depth}")
+        dino_hf.save_pretrained(tmp_path / f"dino{depth}")
+        layers = tuple(range(1, depth + 1))
+        tower = COMMVisionTower.from_pretrained(tmp_path / f"clip{depth}", tmp_path / f"dino{depth}", out_dim=32,
+                                                clip_layers=layers, dino_layers=layers, clip_image_size=56,
+                                                dino_image_size=56).eval()
+        for p in tower.parameters():
+            p.requires_grad_(not grad or p in set(tower.clip_merge.parameters()))
+        with torch.set_grad_enabled(grad), LiveBytes() as mode:
+            tower(px, px)
+        return mode.peak
+
+    streaming = peak(6, False) - peak(2, False)
+    assert abs(streaming) < 0.5 * state, (streaming, state)
+    assert peak(6, True) - peak(2, True) > 3.5 * state  # the count sees hidden states kept alive
+
+
+def test_peak_rss_sees_what_a_call_touches():
+    """The bench's peak-RSS measure (VmHWM after a clear_refs reset) counts pages a call touches, even
+    when freed before it returns, and not what the process held before."""
+    from comm_fast.bench import peak_rss_mb
+
+    held = torch.ones(32 * 2**20 // 4)  # 32 MB resident before the reset: not counted
+    quiet = peak_rss_mb(lambda: None)
+    touched = peak_rss_mb(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MB, freed inside
+    del held
+    assert quiet["extra_peak_rss_mb"] < 8, quiet
+    assert 60 < touched["extra_peak_rss_mb"] < 100, touched
+
+
 @pytest.mark.parametrize("dino", [hf_dinov2, hf_dinov2_reg])
 def test_reference_from_tower_rebuilds_the_transformers_models(tmp_path, seed, dino):
     tower, ref = _build(tmp_path, dino=dino)
@@ -214,5 +324,10 @@ def test_tower_through_triton_kernels(tmp_path, seed, grad, monkeypatch):
         out = tower(clip_px, dino_px)
         expected = ref(clip_px, dino_px)
     assert rel_err(out, expected) <= 1e-5
-    for op in ("multilevel_merge", "fused_mlp"):
-        assert _backend.last_used()[op]["backend"] == "triton", op
+    used = _backend.last_used()
+    assert used["fused_mlp"]["backend"] == "triton"
+    if grad:
+        assert used["multilevel_merge"]["backend"] == "triton"
+    else:  # streaming accumulates through out=, which has no Triton kernel yet: the torch path runs, and says so
+        assert used["multilevel_merge"]["backend"] == "torch"
+        assert "the Triton kernels have no such path yet" in used["multilevel_merge"]["reason"]

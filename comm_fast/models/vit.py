@@ -97,7 +97,12 @@ class MLP(nn.Module):
             gate, up = self.w12(x).chunk(2, dim=-1)
             return self.w3(F.silu(gate) * up)
         h = self.fc1(x)
-        h = _quick_gelu(h) if self.activation == "quick_gelu" else F.gelu(h)
+        if self.activation != "quick_gelu":
+            h = F.gelu(h)
+        elif torch.is_grad_enabled():
+            h = _quick_gelu(h)
+        else:  # the same products, one [B, T, H] temporary instead of two
+            h = (1.702 * h).sigmoid_().mul_(h)
         return self.fc2(h)
 
 
@@ -117,11 +122,24 @@ class Block(nn.Module):
         else:
             self.ls1 = self.ls2 = None
 
-    def forward(self, x):
+    def forward(self, x, out=None):
+        """x + attn, then + mlp. ``out`` (inference): a buffer shaped like x that receives the output, the
+        second residual added in place, so no block output is allocated (attention/MLP temporaries aside)."""
         a = self.attn(self.norm1(x))
-        x = x + (a * self.ls1 if self.ls1 is not None else a)
-        m = self.mlp(self.norm2(x))
-        return x + (m * self.ls2 if self.ls2 is not None else m)
+        if out is None:
+            x = x + (a * self.ls1 if self.ls1 is not None else a)
+            m = self.mlp(self.norm2(x))
+            return x + (m * self.ls2 if self.ls2 is not None else m)
+        torch.add(x, _scaled(a, self.ls1), out=out)
+        return torch.add(out, _scaled(self.mlp(self.norm2(out)), self.ls2), out=out)
+
+
+def _scaled(branch, scale):
+    """branch · scale (LayerScale), in place where that keeps the dtype the plain product would have:
+    the same rounding as ``branch * scale`` without another tensor."""
+    if scale is None:
+        return branch
+    return branch.mul_(scale) if torch.promote_types(branch.dtype, scale.dtype) == branch.dtype else branch * scale
 
 
 class ViTEncoder(nn.Module):
@@ -231,13 +249,20 @@ class ViTEncoder(nn.Module):
         return layers
 
     def iter_hidden_states(self, pixels: torch.Tensor, layers: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (index, hidden_state) for the requested indices in ascending order, as computed."""
+        """Yield (index, hidden_state) for the requested indices in ascending order, as computed.
+
+        Without autograd (no_grad / inference_mode) the blocks write their outputs into two reused
+        buffers in turn (ping-pong: the embedding output and one more), so the memory is two hidden
+        states whatever the depth or the allocator: a yielded state stays valid until the next one has
+        been yielded and the generator resumed, so consume (or copy) it before that.
+        """
         wanted = set(self._check_layers(layers))
-        x = self.embed(pixels)
+        x = self.embed(pixels)  # a fresh tensor of ours: it becomes the first buffer
         if 0 in wanted:
             yield 0, x
+        buffers = None if torch.is_grad_enabled() else (x, torch.empty_like(x))
         for i, block in enumerate(self.blocks[: max(wanted)], start=1):
-            x = block(x)
+            x = block(x) if buffers is None else block(x, out=buffers[i % 2])
             if i in wanted:
                 yield i, x
 
