@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from comm_fast import ops
+from comm_fast.activations import QUICK_GELU_SCALE, quick_gelu
 from comm_fast.models import loading
 from comm_fast.models.attention import attention
 from comm_fast.ops.patch import POS_EMBED_MODES
@@ -64,10 +65,6 @@ class ViTConfig:
         return cls(**data)
 
 
-def _quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -100,9 +97,9 @@ class MLP(nn.Module):
         if self.activation != "quick_gelu":
             h = F.gelu(h)
         elif torch.is_grad_enabled():
-            h = _quick_gelu(h)
+            h = quick_gelu(h)
         else:  # the same products, one [B, T, H] temporary instead of two
-            h = (1.702 * h).sigmoid_().mul_(h)
+            h = (QUICK_GELU_SCALE * h).sigmoid_().mul_(h)
         return self.fc2(h)
 
 
