@@ -495,6 +495,7 @@ def collect(preset: str = "h200", tune_configs: int | None = None, modules=KERNE
                 raise ValueError(f"entry name {e['name']!r} given by {mod_name} and {seen[e['name']]}")
             seen[e["name"]] = mod_name
             e.setdefault("ones", [])
+            e.setdefault("precision", None)  # a dot precision only where the entry names one
             e["module"] = mod_name
             entries.append(e)
     return entries

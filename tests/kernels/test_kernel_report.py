@@ -55,9 +55,12 @@ def test_gate(report, gate):
 
 
 def test_every_dtype_and_precision_is_covered(report):
-    for kernel in ("merge_fwd", "merge_dw", "merge_dg", "mlp_mm"):
+    for kernel in ("mlp_fc1", "mlp_dact"):
         got = {(e["dtype"], e["precision"]) for e in report["entries"] if e["kernel"] == kernel}
         assert got == {("bf16", None), ("fp16", None), ("fp32", "tf32"), ("fp32", "ieee")}, kernel
+    # the folded merge takes 16-bit inputs only (fp32 goes through the materialised variant's cuBLAS GEMM)
+    assert {(e["dtype"], e["precision"]) for e in report["entries"] if e["kernel"] == "merge_fwd"} == {
+        ("bf16", None), ("fp16", None)}
 
 
 @pytest.mark.parametrize("keep", [1, 2])
@@ -88,11 +91,11 @@ def test_table_and_predictions(report):
 
 
 def test_dump_and_json_fields(report, tmp_path):
-    proc = _report("--only", "merge_stats/bf16/clip", "--dump", str(tmp_path / "d"), "--json", str(tmp_path / "r.json"),
-                   "--explain", "merge_stats/bf16/clip/4x1024w4s3")
+    proc = _report("--only", "merge_normalise/folded/bf16/clip", "--dump", str(tmp_path / "d"), "--json",
+                   str(tmp_path / "r.json"), "--explain", "merge_normalise/folded/bf16/clip/4x1024w2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(os.listdir(tmp_path / "d"))
-    assert files == [f"merge_stats_bf16_clip_4x1024w4s3.{x}" for x in ("ptx", "sass", "ttgir")]
+    assert files == [f"merge_normalise_folded_bf16_clip_4x1024w2.{x}" for x in ("ptx", "sass", "ttgir")]
     assert "HGMMA" not in (tmp_path / "d" / files[1]).read_text() and ".version" in (tmp_path / "d" / files[0]).read_text()
     row = json.loads((tmp_path / "r.json").read_text())["entries"][0]
     for key in ("signature", "constexprs", "divisible", "ones", "num_warps", "num_stages", "model", "read", "prediction"):
