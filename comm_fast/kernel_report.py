@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -230,9 +231,24 @@ def _loops(lines: list[str]) -> list[dict]:
     return loops
 
 
+def _unconditional(body: list[str]) -> list[bool]:
+    """Per line of a loop body: True outside every scf.if region (the lines each iteration runs)."""
+    out, depth, ifs = [], 0, []  # ifs: the brace depths at which open scf.if regions started
+    for line in body:
+        code = line.split(" loc(")[0]
+        out.append(not ifs)
+        if re.search(r"\bscf\.if\b", code) and code.rstrip().endswith("{"):
+            ifs.append(depth)
+        depth += code.count("{") - code.count("}")
+        while ifs and depth <= ifs[-1]:
+            ifs.pop()
+    return out
+
+
 def parse_ttgir(text: str) -> dict:
     """Main loop (innermost scf.for holding a tl.dot) of a TTGIR module: per dot the operands' form and
-    shared-memory buffer counts, the async-wait depths and wgmma pendings inside that loop."""
+    shared-memory buffer counts, the async-wait depths and wgmma pendings inside that loop (all of
+    them, and `*_every_iteration`: those outside the loop's scf.if regions)."""
     lines = text.splitlines()
     defs = {}
     for i, line in enumerate(lines):
@@ -244,14 +260,19 @@ def parse_ttgir(text: str) -> dict:
     inits = {a: b for lp in loops for a, b in lp["inits"].items()}
     dot_lines = [i for i, line in enumerate(lines) if _DOT.search(line)]
     owning = [lp for lp in loops if any(lp["start"] < i < lp["end"] for i in dot_lines)]
-    out = {"has_dot": bool(dot_lines), "loops": len(loops), "dots": [], "async_waits": [], "dot_pendings": []}
+    out = {"has_dot": bool(dot_lines), "loops": len(loops), "dots": [], "async_waits": [], "dot_pendings": [],
+           "async_waits_every_iteration": [], "dot_pendings_every_iteration": []}
     if not owning:
         return out
     main = min(owning, key=lambda lp: lp["end"] - lp["start"])
     body = lines[main["start"] + 1:main["end"]]
     out["main_loop_lines"] = [main["start"] + 1, main["end"] + 1]
-    out["async_waits"] = [int(n) for line in body for n in re.findall(r"ttg\.async_wait\b.*\{num = (\d+)", line)]
-    out["dot_pendings"] = [int(n) for line in body for n in re.findall(r"warp_group_dot_wait\b.*pendings = (\d+)", line)]
+    every = _unconditional(body)
+    for key, pattern in (("async_waits", r"ttg\.async_wait\b.*\{num = (\d+)"),
+                         ("dot_pendings", r"warp_group_dot_wait\b.*pendings = (\d+)")):
+        found = [(int(n), i) for i, line in enumerate(body) for n in re.findall(pattern, line)]
+        out[key] = [n for n, _ in found]  # every wait in the loop body
+        out[key + "_every_iteration"] = [n for n, i in found if every[i]]  # outside its scf.if regions
     out["barrier_waits"] = sum("ttng.wait_barrier" in line for line in body)
 
     def buffers(val, seen):
@@ -301,12 +322,37 @@ _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRA = re.compile(r"\bBRA(?:\.\w+)*\s+`\((\.L_x_\d+)\)")
 _MMA = re.compile(r"\b(HGMMA|HMMA|IMMA|WGMMA)\b")
+_FULL_MMA_WAIT = re.compile(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b")  # wgmma wait, pendings = 0
+
+
+def _paths(instrs: list, labels: dict, start: int, end: int) -> dict:
+    """Split a loop [start, end] into the instructions every iteration runs and those a forward branch
+    inside the loop jumps over (conditional blocks: [first, last] address, instructions, whether it
+    holds a full wgmma wait)."""
+    skipped = []
+    for addr, text_ in instrs:
+        bra = _BRA.search(text_)
+        if start <= addr < end and bra and bra.group(1) in labels and addr < labels[bra.group(1)] <= end:
+            skipped.append((addr, labels[bra.group(1)]))
+    body = [(a, t) for a, t in instrs if start <= a <= end and not t.startswith("NOP")]
+    cond = [(a, t) for a, t in body if any(lo < a < hi for lo, hi in skipped)]
+    blocks = []
+    for a, t in cond:  # runs of consecutive conditional instructions
+        if blocks and not any(blocks[-1]["last"] < b < a for b, _ in body):
+            blocks[-1].update(last=a, instructions=blocks[-1]["instructions"] + 1)
+        else:
+            blocks.append({"first": a, "last": a, "instructions": 1, "full_mma_wait": False})
+        blocks[-1]["full_mma_wait"] |= bool(_FULL_MMA_WAIT.search(t))
+    every = [t for a, t in body if not any(lo < a < hi for lo, hi in skipped)]
+    return {"every_iteration": len(every), "conditional": len(cond), "blocks": blocks,
+            "every_iteration_full_mma_wait": any(_FULL_MMA_WAIT.search(t) for t in every)}
 
 
 def parse_sass(text: str) -> dict:
     """Loops of an nvdisasm listing (a backward branch to a label): the main loop is the smallest one
     that holds a tensor-core instruction, else the largest innermost one, else the whole kernel;
-    instructions per iteration (NOPs not counted)."""
+    instructions per iteration (NOPs not counted), and in `main_loop_paths` those each iteration runs
+    apart from the conditional blocks that forward branches inside the loop jump over."""
     instrs, labels, pending = [], {}, []
     for line in text.splitlines():
         lab = _LABEL.match(line)
@@ -340,7 +386,8 @@ def parse_sass(text: str) -> dict:
     else:  # no loop: the whole kernel is one iteration
         main = dict(span(instrs[0][0], instrs[-1][0]), whole_kernel=True) if instrs else None
     return {"instructions": sum(not t.startswith("NOP") for _, t in instrs), "loops": len(loops),
-            "main_loop": main, "mma_total": sum(bool(_MMA.search(t)) for _, t in instrs)}
+            "main_loop": main, "mma_total": sum(bool(_MMA.search(t)) for _, t in instrs),
+            "main_loop_paths": _paths(instrs, labels, main["start"], main["end"]) if main else None}
 
 
 def parse_resource_usage(text: str) -> dict:
@@ -448,6 +495,7 @@ def collect(preset: str = "h200", tune_configs: int | None = None, modules=KERNE
                 raise ValueError(f"entry name {e['name']!r} given by {mod_name} and {seen[e['name']]}")
             seen[e["name"]] = mod_name
             e.setdefault("ones", [])
+            e.setdefault("precision", None)  # a dot precision only where the entry names one
             e["module"] = mod_name
             entries.append(e)
     return entries
@@ -496,6 +544,21 @@ def ctas_per_sm(registers: int, num_warps: int, shared: int) -> int:
     return max(0, min(CTAS_PER_SM, THREADS_PER_SM // threads, by_regs, by_smem))
 
 
+def loop_issue(e: dict, read: dict) -> tuple:
+    """(instructions every iteration runs, instructions in conditional blocks, iterations per run of
+    those blocks, whether a block waits for every MMA) of the main loop. How often the blocks run is
+    the entry's model["conditional_every"] where the kernel knows it; else 1: counted every iteration."""
+    sass = read["sass"]
+    paths = sass.get("main_loop_paths")
+    if not paths:
+        loop = sass["main_loop"]
+        return (loop["instructions"] if loop else 0), 0, 1, False
+    tt = read["ttgir"]
+    conditional_pendings = Counter(tt["dot_pendings"]) - Counter(tt["dot_pendings_every_iteration"])
+    full_wait = any(b["full_mma_wait"] for b in paths["blocks"]) or conditional_pendings[0] > 0
+    return paths["every_iteration"], paths["conditional"], e["model"].get("conditional_every", 1), full_wait
+
+
 def predict(e: dict, read: dict) -> dict | None:
     """Predicted time of the whole launch at the preset's shapes, with its parts (None: cannot launch)."""
     if "error" in read or not read["smem_fits"]:
@@ -504,31 +567,40 @@ def predict(e: dict, read: dict) -> dict | None:
     occ = ctas_per_sm(read["registers"], e["num_warps"], read["shared"])
     if occ == 0:
         return None
-    loop = read["sass"]["main_loop"]
-    sass_iter = loop["instructions"] if loop else 0
+    hot, cond, every, cond_full_wait = loop_issue(e, read)
+    sass_iter = hot + cond / every  # average instructions per iteration
     if m["kind"] == "gemm":
         rate_key = e.get("precision") or e["dtype"]
         sm_rate = DOT_RATE[rate_key] * PEAK_BF16 / SMS
         tiles = math.ceil(m["M"] / m["BM"]) * math.ceil(m["N"] / m["BN"])
         steps = math.ceil(m["K"] / m["BK"])
         t_tc = 2 * m["BM"] * m["BN"] * m["BK"] * steps / sm_rate
-        t_issue = steps * sass_iter * e["num_warps"] / ISSUE_PER_CLK / CLOCK
+        t_issue = steps * hot * e["num_warps"] / ISSUE_PER_CLK / CLOCK
+        t_cond = steps / every * cond * e["num_warps"] / ISSUE_PER_CLK / CLOCK
         t_mem = m["bytes"] / tiles / (COPY_BW / SMS)
         waves = math.ceil(tiles / (SMS * occ))
         tt = read["ttgir"]
-        serial = 0 in tt["dot_pendings"]  # warp_group_dot_wait {pendings = 0}: issue waits for each MMA
-        t_drain = steps * L2_LATENCY if 0 in tt["async_waits"] else 0.0  # each K step waits for its own loads
-        t_compute = t_tc + t_issue if serial else max(t_tc, t_issue)
+        # warp_group_dot_wait {pendings = 0} on the path every iteration runs: issue waits for each MMA
+        serial = 0 in tt["dot_pendings_every_iteration"]
+        drains = steps if 0 in tt["async_waits_every_iteration"] else steps / every if 0 in tt["async_waits"] else 0
+        t_drain = drains * L2_LATENCY  # each such step waits for its own loads
+        # a conditional block that waits for every MMA runs while the tensor cores are idle: it adds;
+        # one without such a wait is issued alongside the MMAs like the rest of the loop
+        cond_serial = cond_full_wait and cond > 0
+        if not cond_serial:
+            t_issue, t_cond = t_issue + t_cond, 0.0
+        t_compute = (t_tc + t_issue if serial else max(t_tc, t_issue)) + t_cond
         t_tile = max(t_compute, t_mem) + t_drain
         t = waves * occ * t_tile  # `occ` resident tiles share one SM's tensor cores, schedulers and bandwidth
         units = "tensor cores" if read["mma"] in ("wgmma", "mma.sync") else "FMA units"
-        parts = {"mma+issue (serial)": t_compute} if serial else {units: t_tc, "issue": t_issue}
-        parts.update({"memory": t_mem, "drain latency": t_drain})
+        parts = {"mma+issue (serial)": t_tc + t_issue} if serial else {units: t_tc, "issue": t_issue}
+        parts.update({"memory": t_mem, "drain latency": t_drain, "conditional block (serial)": t_cond})
         bound = max(parts, key=parts.get)
         return {"kind": "gemm", "ctas_per_sm": occ, "tiles": tiles, "k_steps": steps, "waves": waves,
-                "sass_per_iter": sass_iter, "tile_tensor_core_s": t_tc, "tile_issue_s": t_issue,
-                "tile_memory_s": t_mem, "tile_drain_s": t_drain, "serialised_mma": serial, "tile_s": t_tile,
-                "launch_tensor_core_s": waves * occ * t_tc,
+                "sass_per_iter": sass_iter, "sass_every_iteration": hot, "sass_conditional": cond,
+                "conditional_every": every, "tile_tensor_core_s": t_tc, "tile_issue_s": t_issue,
+                "tile_conditional_s": t_cond, "tile_memory_s": t_mem, "drain_steps": drains, "tile_drain_s": t_drain,
+                "serialised_mma": serial, "tile_s": t_tile, "launch_tensor_core_s": waves * occ * t_tc,
                 "launch_issue_s": waves * occ * t_issue, "launch_memory_s": m["bytes"] / COPY_BW,
                 "time_s": t, "bound": bound, "pct_of_bf16_peak": 100 * m["flops"] / t / PEAK_BF16}
     resident = min(m["ctas"], SMS * occ)
@@ -541,6 +613,22 @@ def predict(e: dict, read: dict) -> dict | None:
     return {"kind": "memory", "ctas_per_sm": occ, "resident_ctas": resident, "sass_per_iter": sass_iter,
             "little_bw": bw_little, "memory_s": t_mem, "issue_s": t_issue, "time_s": t, "bound": bound,
             "pct_of_copy_bw": 100 * m["bytes"] / t / COPY_BW}
+
+
+def _explain_issue(e: dict, p: dict) -> list[str]:
+    """The issue lines of a GEMM's explanation: the every-iteration path, then the conditional blocks."""
+    per = f"x {e['num_warps']} warps / {ISSUE_PER_CLK} per clk / {CLOCK / 1e9:g} GHz"
+    hot, cond, every = p["sass_every_iteration"], p["sass_conditional"], p["conditional_every"]
+    if not cond:
+        return [f"  issue / tile = {p['k_steps']} steps x {hot} SASS/iter {per} = {p['tile_issue_s'] * 1e6:.2f} us"]
+    runs = f"{p['k_steps']}/{every} runs" if every != 1 else f"{p['k_steps']} runs (how often it runs is not known: every iteration)"
+    t_cond = p["tile_conditional_s"]
+    if t_cond:
+        return [f"  issue / tile = {p['k_steps']} steps x {hot} SASS/iter on the every-iteration path {per} = "
+                f"{p['tile_issue_s'] * 1e6:.2f} us",
+                f"  conditional block / tile = {runs} x {cond} SASS {per} = {t_cond * 1e6:.2f} us (serial: it waits for every MMA)"]
+    return [f"  issue / tile = ({p['k_steps']} steps x {hot} SASS/iter + {runs} x {cond} SASS of conditional blocks) "
+            f"{per} = {p['tile_issue_s'] * 1e6:.2f} us"]
 
 
 def explain(e: dict, read: dict) -> str:
@@ -561,26 +649,27 @@ def explain(e: dict, read: dict) -> str:
             f"K steps = ceil({m['K']}/{m['BK']}) = {p['k_steps']}, waves = ceil({p['tiles']} / ({SMS} x {occ})) = {p['waves']}",
             f"  tensor cores / tile = 2 x {m['BM']} x {m['BN']} x {m['BK']} x {p['k_steps']} FLOP / "
             f"({DOT_RATE[rk]:g} x {PEAK_BF16 / 1e12:g} TFLOP/s / {SMS} SMs = {rate / 1e9:.1f} GFLOP/s) = {p['tile_tensor_core_s'] * 1e6:.2f} us",
-            f"  issue / tile = {p['k_steps']} steps x {p['sass_per_iter']} SASS/iter x {e['num_warps']} warps / "
-            f"{ISSUE_PER_CLK} per clk / {CLOCK / 1e9:g} GHz = {p['tile_issue_s'] * 1e6:.2f} us",
+            *_explain_issue(e, p),
             f"  memory / tile = {m['bytes']} B / {p['tiles']} tiles / ({COPY_BW / 1e12:g} TB/s / {SMS}) = {p['tile_memory_s'] * 1e6:.2f} us",
-            f"  drain / tile = " + (f"{p['k_steps']} steps x {L2_LATENCY * 1e9:g} ns (async_wait {{num = 0}} in the main loop) = "
+            f"  drain / tile = " + (f"{p['drain_steps']:g} steps x {L2_LATENCY * 1e9:g} ns (async_wait {{num = 0}} in the main loop) = "
                                     f"{p['tile_drain_s'] * 1e6:.2f} us" if p["tile_drain_s"] else "0 (no full drain in the main loop)"),
-            f"  tile = max({'tensor cores + issue (wgmma serialised: pendings = 0)' if p['serialised_mma'] else 'tensor cores, issue'}"
-            f", memory) + drain = {p['tile_s'] * 1e6:.2f} us",
+            f"  tile = {'tensor cores + issue (wgmma serialised: pendings = 0 every iteration)' if p['serialised_mma'] else 'max(tensor cores, issue)'}"
+            + (" + conditional block (it waits for every MMA: tensor cores idle meanwhile)" if p["tile_conditional_s"] else "")
+            + f"; max(that, memory) + drain = {p['tile_s'] * 1e6:.2f} us",
             f"  launch = {p['waves']} waves x {occ} CTAs/SM x {p['tile_s'] * 1e6:.2f} us = {p['time_s'] * 1e6:.1f} us "
             f"({p['bound']}-bound); HBM alone {p['launch_memory_s'] * 1e6:.1f} us",
             f"  predicted {m['flops'] / 1e9:.1f} GFLOP / {p['time_s'] * 1e6:.1f} us = "
             f"{m['flops'] / p['time_s'] / 1e12:.0f} TFLOP/s = {p['pct_of_bf16_peak']:.0f}% of the measured bf16 peak "
             f"({PEAK_BF16 / 1e12:g} TFLOP/s) -- PREDICTION",
-            "  (max() assumes the pipeline overlaps loads, tensor cores and issue; bank conflicts, epilogue and L2 misses are not modelled)"]
+            "  (max() assumes the pipeline overlaps loads, tensor cores and issue; bank conflicts, epilogue, L2 misses and the"
+            " tensor-core pipe's refill after a full MMA wait are not modelled)"]
     else:
         lines += [
             f"  resident CTAs = min({m['ctas']}, {SMS} x {occ}) = {p['resident_ctas']}; Little's law: "
             f"{p['resident_ctas']} x {m['bytes_in_flight_per_cta']} B / {HBM_LATENCY * 1e9:g} ns = {p['little_bw'] / 1e12:.2f} TB/s",
             f"  memory = {m['bytes'] / 1e6:.1f} MB / min({COPY_BW / 1e12:g}, {p['little_bw'] / 1e12:.2f}) TB/s = "
             f"{p['memory_s'] * 1e6:.1f} us",
-            f"  issue = ceil({m['ctas']} / {SMS}) CTAs x {e['num_warps']} warps x {p['sass_per_iter']} SASS/iter x "
+            f"  issue = ceil({m['ctas']} / {SMS}) CTAs x {e['num_warps']} warps x {p['sass_per_iter']:g} SASS/iter x "
             f"{m.get('iterations', 1)} iterations / {ISSUE_PER_CLK} per clk / {CLOCK / 1e9:g} GHz = {p['issue_s'] * 1e6:.1f} us",
             f"  predicted max(memory, issue) = {p['time_s'] * 1e6:.1f} us ({p['bound']}-bound) = "
             f"{p['pct_of_copy_bw']:.0f}% of the measured copy bandwidth ({COPY_BW / 1e12:g} TB/s) -- PREDICTION"]
@@ -655,6 +744,24 @@ def run(preset: str = "h200", target: str = "sm_90", tune_configs: int | None = 
             "note": "every predicted_* / prediction figure is a first-order PREDICTION from the constants, not a measurement"}
 
 
+def _sass_column(read: dict, model: dict) -> str:
+    """SASS per main-loop iteration: "every-iteration path + conditional / iterations per run" where a
+    forward branch inside the loop jumps over a block."""
+    paths, loop = read["sass"].get("main_loop_paths"), read["sass"]["main_loop"]
+    if not loop:
+        return ""
+    if not paths or not paths["conditional"]:
+        return str(loop["instructions"])
+    return f"{paths['every_iteration']}+{paths['conditional']}/{model.get('conditional_every', 1)}"
+
+
+def _waits_column(tt: dict, key: str) -> str:
+    """The main loop's wait depths: those every iteration runs, then "if:" those only in its scf.if regions."""
+    every = sorted(set(tt[key + "_every_iteration"]))
+    cond = sorted(set((Counter(tt[key]) - Counter(tt[key + "_every_iteration"])).elements()))
+    return ",".join(map(str, every)) + (" if:" + ",".join(map(str, cond)) if cond else "")
+
+
 def _table(rows: list[dict]) -> str:
     head = ["entry", "regs", "spill", "smem KB", "fits", "mma", "bufs A/B", "waits", "pend", "SASS/it",
             "pred us", "pred %", "bound", "gates"]
@@ -666,13 +773,12 @@ def _table(rows: list[dict]) -> str:
             continue
         tt = r["ttgir"]
         bufs = ",".join(dict.fromkeys(f"{d['a_buffers']}/{d['b_buffers']}" for d in tt["dots"]))
-        loop = r["sass"]["main_loop"]
         mma = r["mma"] + (f" {r['wgmma_form']}" if r["wgmma_form"] else "")
         pct = (p.get("pct_of_bf16_peak") if p and p["kind"] == "gemm" else p.get("pct_of_copy_bw")) if p else None
         out.append([row["name"], str(r["registers"]), str(r["spill_bytes"]), f"{r['shared'] / 1024:.1f}",
                     "yes" if r["smem_fits"] else "NO", mma if row["gemm"] else "-", bufs,
-                    ",".join(map(str, sorted(set(tt["async_waits"])))), ",".join(map(str, sorted(set(tt["dot_pendings"])))),
-                    str(loop["instructions"]) if loop else "", f"{p['time_s'] * 1e6:.0f}" if p else "-",
+                    _waits_column(tt, "async_waits"), _waits_column(tt, "dot_pendings"),
+                    _sass_column(r, row["model"]), f"{p['time_s'] * 1e6:.0f}" if p else "-",
                     (f"{pct:.0f}%" + (" pk" if p["kind"] == "gemm" else " bw")) if p else "-",
                     p["bound"] if p else "-", " ".join(g for g, _ in row["gate_failures"]) or "ok"])
     widths = [max(len(r[i]) for r in out) for i in range(len(head))]

@@ -431,6 +431,8 @@ def report_entries(shapes: dict) -> list[dict]:
                                "c_ptr", "b_ptr", "out_ptr", "stride_om", "M", "N", "D"] + (["L"] if L % 16 == 0 else []),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, launchable=True, gemm=True,
                     model=dict(kind="gemm", M=M, N=N, K=K, BM=bm, BN=bn, BK=bk, flops=2 * M * N * K,
+                               # the promotion (the loop's conditional block) runs at each layer's last K step
+                               conditional_every=triton.cdiv(D, bk),
                                # A once per column of tiles (L2 keeps GROUP_M row tiles' B), W′ once per row group
                                bytes=(M * K * triton.cdiv(N, bn) // max(1, cfg.kwargs["GROUP_M"]) + N * K
                                       * triton.cdiv(M, bm * cfg.kwargs["GROUP_M"]) + (1 + accumulate) * M * N) * esize)))

@@ -55,9 +55,12 @@ def test_gate(report, gate):
 
 
 def test_every_dtype_and_precision_is_covered(report):
-    for kernel in ("merge_fwd", "merge_dw", "merge_dg", "mlp_mm"):
+    for kernel in ("mlp_fc1", "mlp_dact"):
         got = {(e["dtype"], e["precision"]) for e in report["entries"] if e["kernel"] == kernel}
         assert got == {("bf16", None), ("fp16", None), ("fp32", "tf32"), ("fp32", "ieee")}, kernel
+    # the folded merge takes 16-bit inputs only (fp32 goes through the materialised variant's cuBLAS GEMM)
+    assert {(e["dtype"], e["precision"]) for e in report["entries"] if e["kernel"] == "merge_fwd"} == {
+        ("bf16", None), ("fp16", None)}
 
 
 @pytest.mark.parametrize("keep", [1, 2])
@@ -88,11 +91,11 @@ def test_table_and_predictions(report):
 
 
 def test_dump_and_json_fields(report, tmp_path):
-    proc = _report("--only", "merge_stats/bf16/clip", "--dump", str(tmp_path / "d"), "--json", str(tmp_path / "r.json"),
-                   "--explain", "merge_stats/bf16/clip/4x1024w4s3")
+    proc = _report("--only", "merge_normalise/folded/bf16/clip", "--dump", str(tmp_path / "d"), "--json",
+                   str(tmp_path / "r.json"), "--explain", "merge_normalise/folded/bf16/clip/4x1024w2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(os.listdir(tmp_path / "d"))
-    assert files == [f"merge_stats_bf16_clip_4x1024w4s3.{x}" for x in ("ptx", "sass", "ttgir")]
+    assert files == [f"merge_normalise_folded_bf16_clip_4x1024w2.{x}" for x in ("ptx", "sass", "ttgir")]
     assert "HGMMA" not in (tmp_path / "d" / files[1]).read_text() and ".version" in (tmp_path / "d" / files[0]).read_text()
     row = json.loads((tmp_path / "r.json").read_text())["entries"][0]
     for key in ("signature", "constexprs", "divisible", "ones", "num_warps", "num_stages", "model", "read", "prediction"):
@@ -276,6 +279,120 @@ def test_parse_sass_main_loop():
     )["main_loop"]["end"] == 0x80
     flat = kr.parse_sass("        /*0000*/                   LDC R1, c[0x0][0x28] ;\n        /*0010*/  EXIT ;\n")
     assert flat["main_loop"]["instructions"] == 2 and flat["main_loop"]["whole_kernel"]
+
+
+# A loop whose layer-end block (loads, a full wgmma wait, FMAs) a forward branch jumps over
+SASS_CONDITIONAL = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   DEPBAR.LE SB0, 0x2 ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64] ;
+        /*0050*/                   ISETP.NE.AND P5, PT, R2, R3, PT ;
+        /*0060*/               @P5 BRA `(.L_x_1) ;
+        /*0070*/                   LDG.E R8, desc[UR4][R10.64] ;
+        /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0090*/                   NOP ;
+        /*00a0*/                   FFMA R12, R24, R8, R12 ;
+        /*00b0*/                   FFMA R13, R25, R8, R13 ;
+.L_x_1:
+        /*00c0*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*00d0*/                   ISETP.NE.AND P0, PT, R2, R4, PT ;
+        /*00e0*/              @!P0 BRA `(.L_x_2) ;
+        /*00f0*/                   IADD3 R7, R7, 0x40, RZ ;
+        /*0100*/                   BRA `(.L_x_0) ;
+.L_x_2:
+        /*0110*/                   EXIT ;
+.L_x_3:
+        /*0120*/                   BRA `(.L_x_3);
+"""
+
+
+def test_parse_sass_conditional_block():
+    """15 instructions in the loop (the NOP not counted): 4 in the block the @P5 branch jumps over
+    (0x70-0xb0), 11 on the every-iteration path; the loop-exit branch's target lies outside the loop."""
+    got = kr.parse_sass(SASS_CONDITIONAL)
+    assert got["main_loop"] == {"start": 0x10, "end": 0x100, "instructions": 15, "mma": 1}
+    assert got["main_loop_paths"] == {"every_iteration": 11, "conditional": 4, "every_iteration_full_mma_wait": False,
+                                      "blocks": [{"first": 0x70, "last": 0xb0, "instructions": 4, "full_mma_wait": True}]}
+    # without the branch the block runs every iteration, and so does its full wait
+    flat = kr.parse_sass(SASS_CONDITIONAL.replace("@P5 BRA `(.L_x_1)", "IADD3 R9, R9, 0x1, RZ"))
+    assert flat["main_loop_paths"] == {"every_iteration": 15, "conditional": 0, "blocks": [],
+                                       "every_iteration_full_mma_wait": True}
+    # a branch inside the block stays in it; a second block after the join is its own run
+    two = kr.parse_sass(SASS_CONDITIONAL.replace(
+        "        /*00a0*/                   FFMA R12, R24, R8, R12 ;",
+        "        /*0098*/               @P6 BRA `(.L_x_4) ;\n.L_x_4:\n        /*00a0*/                   FFMA R12, R24, R8, R12 ;"
+    ).replace("        /*00d0*/                   ISETP.NE.AND P0, PT, R2, R4, PT ;",
+              "        /*00c8*/               @P6 BRA `(.L_x_5) ;\n        /*00cc*/                   FMUL R9, R9, R9 ;\n"
+              ".L_x_5:\n        /*00d0*/                   ISETP.NE.AND P0, PT, R2, R4, PT ;"))
+    assert [(b["first"], b["last"], b["instructions"], b["full_mma_wait"]) for b in two["main_loop_paths"]["blocks"]] == [
+        (0x70, 0xb0, 5, True), (0xcc, 0xcc, 1, False)]
+    assert two["main_loop_paths"]["every_iteration"] == 12 and two["main_loop_paths"]["conditional"] == 6
+    assert kr.parse_sass(SASS)["main_loop_paths"]["conditional"] == 0
+
+
+# TTGIR_PIPELINED with a layer-end scf.if (a nested scf.if inside it) after the loop's wgmma wait
+TTGIR_CONDITIONAL = TTGIR_PIPELINED.replace("""      scf.yield %e#0, %ai, %w, %k""", """      %c = arith.cmpi eq, %k, %last : i32
+      %s = scf.if %c -> (tensor<128x128xf32, #mma>) {
+        %f:3 = ttng.warp_group_dot_wait %e#0, %ai, %bi {pendings = 0 : i32, warpGroupLocal} : tensor<128x128xf32, #mma>
+        %g = scf.if %c2 -> (tensor<128x128xf32, #mma>) {
+          %h = ttg.async_wait %t {num = 0 : i32} loc(#loc6)
+          scf.yield %f#0 : tensor<128x128xf32, #mma>
+        } else {
+          scf.yield %f#0 : tensor<128x128xf32, #mma>
+        } loc(#loc7)
+        scf.yield %g : tensor<128x128xf32, #mma>
+      } else {
+        scf.yield %acc : tensor<128x128xf32, #mma>
+      } loc(#loc5)
+      %w2 = ttg.async_wait %t {num = 1 : i32} loc(#loc8)
+      scf.yield %e#0, %ai, %w2, %k""")
+
+
+def test_parse_ttgir_conditional_waits():
+    got = kr.parse_ttgir(TTGIR_CONDITIONAL)
+    assert got["dot_pendings"] == [1, 0] and got["dot_pendings_every_iteration"] == [1]
+    assert got["async_waits"] == [2, 0, 1] and got["async_waits_every_iteration"] == [2, 1]
+    plain = kr.parse_ttgir(TTGIR_PIPELINED)
+    assert plain["dot_pendings_every_iteration"] == [1] and plain["async_waits_every_iteration"] == [2]
+
+
+def test_gemm_prediction_with_a_conditional_block():
+    """_entry's GEMM (2 CTAs/SM, 4 waves, 128 K steps, tensor cores 44.853 us / tile) with 100 SASS every
+    iteration and a 320-instruction block run every 16th step that waits for every MMA: the block's
+    8 runs x 320 x 8 warps / 4 / 1.83 GHz = 2.798 us add to the tensor-core time; 100 SASS overlap.
+    The block's async_wait {num = 0} exposes one L2 latency per run: 8 x 250 ns."""
+    t_tc = 2 * 128 * 128 * 64 * 128 / (790e12 / 132)
+    t_issue = 128 * 100 * 8 / 4 / 1.83e9
+    t_cond = 8 * 320 * 8 / 4 / 1.83e9
+    paths = {"every_iteration": 100, "conditional": 320, "every_iteration_full_mma_wait": False,
+             "blocks": [{"first": 0, "last": 0, "instructions": 320, "full_mma_wait": True}]}
+    read = _read(TTGIR_CONDITIONAL)
+    read["sass"] = {"main_loop": {"instructions": 420}, "main_loop_paths": paths}
+    e = _entry()
+    e["model"] = dict(e["model"], conditional_every=16)
+    p = kr.predict(e, read)
+    assert not p["serialised_mma"] and p["tile_issue_s"] == pytest.approx(t_issue, rel=1e-12)
+    assert p["tile_conditional_s"] == pytest.approx(t_cond, rel=1e-12)
+    assert p["tile_drain_s"] == pytest.approx(8 * 250e-9, rel=1e-12)
+    assert p["time_s"] == pytest.approx(4 * 2 * (t_tc + t_cond + 2e-6), rel=1e-12) and p["bound"] == "tensor cores"
+    assert p["pct_of_bf16_peak"] == pytest.approx(100 * t_tc / (t_tc + t_cond + 2e-6), rel=1e-12)  # 90.2%
+    text = kr.explain(e, read)
+    assert p["sass_per_iter"] == 120 and "128/16 runs x 320 SASS" in text and "8 steps x 250 ns" in text
+    # the TTGIR's pendings = 0 inside the scf.if alone marks the block serial too
+    paths["blocks"][0]["full_mma_wait"] = False
+    assert kr.predict(e, read)["time_s"] == pytest.approx(4 * 2 * (t_tc + t_cond + 2e-6), rel=1e-12)
+    # a block without a full wait overlaps the MMAs like the rest: 100 + 320/16 SASS per step, tensor-bound
+    read["ttgir"] = kr.parse_ttgir(TTGIR_PIPELINED)
+    p = kr.predict(e, read)
+    assert p["tile_issue_s"] == pytest.approx(t_issue + t_cond, rel=1e-12) and p["tile_conditional_s"] == 0
+    assert p["time_s"] == pytest.approx(4 * 2 * t_tc, rel=1e-12)
+    # how often it runs unknown (no conditional_every): counted every iteration, serially
+    read["ttgir"] = kr.parse_ttgir(TTGIR_CONDITIONAL)
+    p = kr.predict(_entry(), read)
+    assert p["time_s"] == pytest.approx(4 * 2 * (t_tc + 16 * t_cond + 32e-6), rel=1e-12) and p["sass_per_iter"] == 420
 
 
 def test_parse_resource_usage():

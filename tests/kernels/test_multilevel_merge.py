@@ -251,5 +251,7 @@ def test_report_entries_follow_the_protocol():
     gemms = [e for e in entries if e["gemm"]]
     assert {e["dtype"] for e in gemms} == {"bf16", "fp16"}  # folded is not launched for fp32
     assert len(gemms) == 2 * 2 * 2 * len(mm._FOLDED_CONFIGS)  # shapes x 16-bit dtypes x ACCUMULATE x configs
+    for e in gemms:  # the promotion (the main loop's conditional block) runs at each layer's last K step
+        assert e["model"]["conditional_every"] == 1024 // e["constexprs"]["BLOCK_K"], e["name"]
     assert len([e for e in mm.report_entries(dict(shapes, tune_configs=2)) if e["gemm"]]) == 2 * 2 * 2 * 2
     assert {e["variant"] for e in entries if e["kernel"] == "merge_normalise"} == {"folded", "materialised", ""}
