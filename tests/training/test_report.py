@@ -4,13 +4,16 @@ whose package is missing is refused before anything is written."""
 import glob
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from comm_fast.training import report
-from train_runs import metrics, train
+from train_runs import BASE, metrics, train
 
 SHORT = ["--steps", "2", "--save-every", "100"]
 
@@ -83,3 +86,18 @@ def test_a_missing_backend_package_is_named_before_anything_is_written(tmp_path,
     err = capsys.readouterr().err
     assert f"--report-to: {backend} needs the '{backend}' package" in err and f"pip install {backend}" in err
     assert not out.exists()
+
+
+def test_two_fsdp_processes_report_once_with_the_single_process_grad_norm(tmp_path):
+    """Rank 0 alone writes events; the grad norm of the sharded gradients (a DTensor) is the whole model's."""
+    pytest.importorskip("tensorboard")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train(one, *SHORT) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "comm_fast.cli", "train", *BASE, "--out", str(two), *SHORT, "--batch-size", "1", "--fsdp",
+           "--report-to", "tensorboard"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(os.listdir(two / "tensorboard")) == 1  # one event file: rank 0's
+    assert [r["grad_norm"] for r in metrics(two)] == pytest.approx([r["grad_norm"] for r in metrics(one)], rel=1e-5)
