@@ -54,7 +54,8 @@ def test_a_resumed_run_plots_its_steps_in_order(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (None, "metrics.jsonl: no such file"),
     ("", "metrics.jsonl: empty (no step logged yet)"),
-    ('{"step": 1, "loss": 2.0, "lr": 0.1, "tokens_per_s": 5}\n{"step": 2, "loss": 1.', "metrics.jsonl line 2: not a JSON object"),
+    ('{"step": 1, "loss": 2.0, "lr": 0.1, "tokens_per_s": 5}\n{"step": 2, "loss": 1.',  # cut off mid-line
+     "metrics.jsonl line 2: not a JSON object"),
     ('{"step": 1, "loss": 2.0, "lr": 0.1}\n', "metrics.jsonl line 1: 'tokens_per_s': expected a number, got None"),
     ('{"step": 1, "loss": "nan?", "lr": 0.1, "tokens_per_s": 5}\n', "line 1: 'loss': expected a number, got 'nan?'"),
     ('{"step": 0, "loss": 2.0, "lr": 0.1, "tokens_per_s": 5}\n', "line 1: 'step': expected a positive integer, got 0"),

@@ -289,7 +289,8 @@ class TrainStep:
         if int(targets) != total_targets:  # the normalisation above would not be the mean the model computes
             raise RuntimeError(f"the model counted {int(targets)} target tokens in the global batch, the dataset "
                                f"{total_targets}")
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a replicated DTensor
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens), "images": int(images),
                 "computed_tokens": computed, "targets": total_targets}
 

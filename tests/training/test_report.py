@@ -1,6 +1,7 @@
 """comm-fast train --report-to: TensorBoard event files and an offline W&B run hold the same per-step scalars
-as metrics.jsonl (read back with each tool's own reader); the grad norm is the one before clipping; a backend
-whose package is missing is refused before anything is written."""
+as metrics.jsonl (read back with TensorBoard's reader; from the offline run file); a resumed run replaces the
+interrupted one's steps after its checkpoint; the grad norm is the one before clipping, and under FSDP the
+whole model's; rank 0 alone reports; a backend whose package is missing is refused before anything is written."""
 import glob
 import importlib.util
 import json
@@ -50,6 +51,33 @@ def test_tensorboard_holds_the_metrics_and_grad_norm_is_before_clipping(tmp_path
     assert row["grad_norm"] == pytest.approx(rows[0]["grad_norm"], rel=1e-5)  # the same first batch
     assert seen == [pytest.approx(0.01, rel=1e-3)] and row["grad_norm"] > 1
     assert not (tmp_path / "clipped" / "tensorboard").exists()  # --report-to none: metrics.jsonl only
+
+
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(tmp_path, monkeypatch):
+    """The interrupted run logged step 3 after checkpoint-2; the resumed run's step 3 replaces it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from comm_fast.training.train import TrainStep
+
+    out, run = tmp_path / "r", ["--steps", "4", "--save-every", "2", "--report-to", "tensorboard"]
+    real, calls = TrainStep.__call__, []
+
+    def call(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("killed in step 4")
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(TrainStep, "__call__", call)
+        assert train(out, *run) == 1  # steps 1-3 logged, checkpoint-2
+    assert train(out, *run, "--resume") == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = events.Scalars("train/tokens_per_s")
+    assert [e.step for e in logged] == [1, 2, 3, 4]
+    assert [e.value for e in logged] == pytest.approx([r["tokens_per_s"] for r in metrics(out)], rel=1e-6)
 
 
 def _wandb_history(run_file: bytes, tag: str) -> set[float]:
