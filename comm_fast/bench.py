@@ -737,31 +737,37 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_speedups(result: dict, path: str) -> None:
-    """A PNG bar chart of the speedups over the reference (and torch.compile), drawn with PIL."""
-    from PIL import Image, ImageDraw
+def plot_speedups(result: dict, path: str):
+    """A PNG horizontal bar chart of each subject's speedup over the eager reference (and torch.compile),
+    1x marked; long names wrapped, the canvas cropped to what is drawn. Returns the matplotlib Figure."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = [r for r in result["rows"] if not r.get("error")]
-    width, bar_h, left = 900, 22, 230
-    height = 60 + len(rows) * (2 * bar_h + 12)
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 10), f"comm_fast speedups - {result['machine']['device']} ({result['machine']['date']})", fill="black")
-    top = max([r["speedup_vs_ref"] for r in rows] + [r["speedup_vs_compile"] or 0 for r in rows] + [1.0])
-    scale = (width - left - 80) / top
-    one_x = left + scale
-    y = 40
-    for r in rows:
-        draw.text((10, y + 4), r["name"], fill="black")
-        for value, color, label in ((r["speedup_vs_ref"], (52, 101, 164), "vs eager"),
-                                    (r["speedup_vs_compile"], (245, 121, 0), "vs compile")):
-            if value is not None:
-                draw.rectangle([left, y, left + value * scale, y + bar_h - 4], fill=color)
-                draw.text((left + value * scale + 4, y + 2), f"{value:.2f}x {label}", fill="black")
-            y += bar_h
-        y += 12
-    draw.line([one_x, 35, one_x, height - 5], fill=(200, 0, 0))
-    img.save(path)
+    fig = Figure(figsize=(9, 1.2 + 0.7 * max(len(rows), 1)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    y = list(range(len(rows)))[::-1]  # the first subject on top
+    h = 0.38
+    for offset, key, color, label in ((h / 2, "speedup_vs_ref", "#3465a4", "vs eager"),
+                                      (-h / 2, "speedup_vs_compile", "#f57900", "vs torch.compile")):
+        at = [(yi + offset, r[key]) for yi, r in zip(y, rows) if r.get(key) is not None]
+        if at:
+            bars = ax.barh([a for a, _ in at], [v for _, v in at], height=h, color=color, label=label)
+            ax.bar_label(bars, labels=[f"{v:.2f}x" for _, v in at], padding=3, fontsize=8)
+    ax.axvline(1.0, color="#c00000", linewidth=1, linestyle="--")
+    wrap = lambda name: textwrap.fill(name.replace("_", "_ "), 28).replace("_ ", "_")  # lines end after a "_"
+    ax.set_yticks(y, [wrap(r["name"]) for r in rows], fontsize=9)
+    ax.set_xlabel("speedup (x, higher is faster; dashed: 1x)")
+    ax.margins(x=0.15)  # room for the value labels
+    if rows:
+        ax.legend(loc="best", fontsize=8)
+    machine = result["machine"]
+    ax.set_title(textwrap.fill(f"comm_fast speedups - {machine['device']} ({machine['date']})", 70), fontsize=10)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    return fig
 
 
 def add_arguments(parser) -> None:

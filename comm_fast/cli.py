@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": ("comm_fast.bench", "microbenchmarks: fused vs eager reference vs torch.compile"),
     "profile-train": ("comm_fast.profile", "profile training steps of COMMForCausalLM"),
     "train": ("comm_fast.training.train", "train COMMForCausalLM (pretrain / finetune)"),
+    "plot": ("comm_fast.plot", "draw a training run's loss, learning rate and tokens/s (metrics.jsonl)"),
     "make-data": ("comm_fast.data.synthetic", "write a synthetic grounding and captioning set"),
     "generate": ("comm_fast.generate", "answer a prompt about an image"),
     "eval": ("comm_fast.eval.cli", "evaluate a model on referring expressions, POPE or VQA"),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from comm_fast.mllm import VARLEN_SDPA
-from comm_fast.training import checkpoint
+from comm_fast.training import checkpoint, report
 
 STAGES = ("pretrain", "finetune")
 DEFAULTS = {"weight_decay": 0.0, "warmup_ratio": 0.03, "max_grad_norm": 1.0}  # train's, and profile-train's
@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=80, help="optimizer steps in all")
     p.add_argument("--out", help="run directory (default: runs/<preset>-<stage>)")
     p.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--report-to", default="none", choices=report.REPORT_TO,
+                   help="also log loss, learning rate, tokens/s and grad norm per step to TensorBoard "
+                        "(DIR/tensorboard) or W&B (DIR/wandb, offline unless WANDB_MODE is set); "
+                        "DIR/metrics.jsonl is always written")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="start from a saved COMMForCausalLM directory (e.g. a pretrain run's DIR/model)")
@@ -274,8 +278,8 @@ class TrainStep:
             computed += int(batch["input_ids"].numel())
             targets += result.num_label_tokens
         with torch.profiler.record_function("comm_fast::optimizer"):
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            # the norm before clipping (infinite max: measured, not clipped)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -285,8 +289,10 @@ class TrainStep:
         if int(targets) != total_targets:  # the normalisation above would not be the mean the model computes
             raise RuntimeError(f"the model counted {int(targets)} target tokens in the global batch, the dataset "
                                f"{total_targets}")
-        return {"loss": loss, "lr": lr, "tokens": int(tokens), "images": int(images), "computed_tokens": computed,
-                "targets": total_targets}
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens), "images": int(images),
+                "computed_tokens": computed, "targets": total_targets}
 
 
 def fingerprint(args, model, dataset, world: int) -> dict:
@@ -358,6 +364,9 @@ def train(args) -> dict:
         elif checkpoint.list_checkpoints(out):
             raise UsageError(f"--out: {out} already holds checkpoints; pass --resume to continue that run "
                              "or choose another --out")
+        missing = report.missing_package(args.report_to)
+        if missing:
+            raise UsageError(f"--report-to: {missing}")
         if model.tokenizer is None:
             raise UsageError("model: no tokenizer found next to the weights (tokenizer files are needed to train)")
         if args.dropout is None:
@@ -452,6 +461,7 @@ def _loop(args, dist, model, engine, train_step, order, trainable, prints, start
                desc=f"{args.stage}")
     losses = []
     metrics_file = open(metrics_path, "a", encoding="utf-8") if dist.rank == 0 else None
+    reporter = report.open_reporter(args.report_to, out, prints, start) if dist.rank == 0 else None
     step = start
     doing = ""
     try:
@@ -463,10 +473,12 @@ def _loop(args, dist, model, engine, train_step, order, trainable, prints, start
             dt = time.perf_counter() - t0
             losses.append(r["loss"])
             record = {"step": step, "loss": r["loss"], "lr": r["lr"], "tokens_per_s": r["tokens"] / dt,
-                      "images_per_s": r["images"] / dt}
+                      "images_per_s": r["images"] / dt, "grad_norm": r["grad_norm"]}
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")  # one whole line per step
                 metrics_file.flush()
+            if reporter:
+                reporter.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{r['tokens'] / dt:,.0f}")
             if step % args.save_every == 0 or step == args.steps:
@@ -485,6 +497,8 @@ def _loop(args, dist, model, engine, train_step, order, trainable, prints, start
         bar.close()
         if metrics_file:
             metrics_file.close()
+        if reporter:
+            reporter.close()
     return {"out": out, "step": step, "losses": losses}
 
 
