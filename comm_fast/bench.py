@@ -8,6 +8,7 @@ A row whose fused path did not run its fast backend says so in ``backend`` and `
 from __future__ import annotations
 
 import ctypes
+import importlib
 import dataclasses
 import gc
 import json
@@ -265,15 +266,15 @@ def _merge_variants(h, params, device, shape) -> tuple[dict, list]:
         runs = {f"variant {v}": (lambda v=v: merge_forward(layers, *params, 1e-5, v))
                 for v in merge_variants.VARIANTS if v != "folded" or ok}
         return runs, ([] if ok else [f"variant folded not run: {why}"])
+    names = ", ".join(merge_variants.VARIANTS)
     try:
-        from comm_fast import kernel_report
+        kernel_report = importlib.import_module("comm_fast.kernel_report")
     except ImportError:
-        return {}, ["GPU variants (" + ", ".join(merge_variants.VARIANTS) + "): no prediction, "
-                    "comm_fast.kernel_report is absent"]
-    predict = getattr(kernel_report, "predict_variants", None)
-    if predict is None:
-        return {}, ["GPU variants: no prediction, comm_fast.kernel_report has no predict_variants(op, shape)"]
-    ms = predict("multilevel_merge", shape)  # {variant: predicted ms on the report's target}
+        return {}, [f"GPU variants ({names}): no prediction, comm_fast.kernel_report is absent"]
+    try:  # compiles the variants' kernels ahead of time for sm_90 (not possible under TRITON_INTERPRET=1)
+        ms = kernel_report.predict_variants("multilevel_merge", shape)  # {variant: predicted ms, H200}
+    except Exception as exc:
+        return {}, [f"GPU variants ({names}): no prediction ({type(exc).__name__}: {str(exc)[:200]})"]
     return {}, ["prediction (comm_fast.kernel_report, not measured): "
                 + ", ".join(f"{v} {t:.3f} ms" for v, t in ms.items())]
 

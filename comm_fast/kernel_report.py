@@ -468,13 +468,15 @@ def _work(args):
         return index, {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
-def collect(preset: str = "h200", tune_configs: int | None = None, modules=KERNEL_MODULES) -> list[dict]:
-    """Every module's entries at the preset's shapes; names unique, protocol fields present."""
+def collect(preset: str = "h200", tune_configs: int | None = None, modules=KERNEL_MODULES,
+            shapes: dict | None = None) -> list[dict]:
+    """Every module's entries at the preset's shapes (or at ``shapes``); names unique, protocol fields present."""
     import importlib
 
-    if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    shapes = dict(PRESETS[preset], tune_configs=tune_configs)
+    if shapes is None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+        shapes = dict(PRESETS[preset], tune_configs=tune_configs)
     entries, seen = [], {}
     for mod_name in modules:
         mod = importlib.import_module(mod_name)
@@ -613,6 +615,39 @@ def predict(e: dict, read: dict) -> dict | None:
     return {"kind": "memory", "ctas_per_sm": occ, "resident_ctas": resident, "sass_per_iter": sass_iter,
             "little_bw": bw_little, "memory_s": t_mem, "issue_s": t_issue, "time_s": t, "bound": bound,
             "pct_of_copy_bw": 100 * m["bytes"] / t / COPY_BW}
+
+
+def predict_variants(op: str, shape: dict, jobs: int = 1) -> dict[str, float]:
+    """Predicted milliseconds of each forward variant of ``op`` at ``shape`` (M, N, D, L, dtype) on the
+    report's device (an H200): a PREDICTION. folded = its stats pass + its first launchable GEMM config;
+    materialised = its normalise pass + the cuBLAS GEMM, taken at the measured GEMM rate (PEAK_BF16,
+    scaled by DOT_RATE for fp32). The bench prints these beside its CPU times, labelled."""
+    if op != "multilevel_merge":
+        raise ValueError(f"op: expected 'multilevel_merge', got {op!r}")
+    import torch
+
+    dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(shape["dtype"])
+    if dname is None:
+        raise ValueError(f"shape: dtype must be bf16, fp16 or fp32, got {shape['dtype']}")
+    M, N, D, L = (int(shape[k]) for k in ("M", "N", "D", "L"))
+    entries = collect(modules=("comm_fast.kernels.multilevel_merge",),
+                      shapes={"merge": [dict(name="bench", M=M, N=N, D=D, L=L, T=M)], "dtypes": [dname],
+                              "tune_configs": 1})
+    entries = [e for e in entries if e["kernel"] in ("merge_normalise", "merge_fwd") and e["variant"]
+               and not e["name"].endswith("/accumulate")]
+    times = {}
+    for e, read in zip(entries, compile_all(entries, jobs=jobs)):
+        p = predict(e, read)
+        if p is None:
+            continue
+        times.setdefault(e["variant"], []).append(p["time_s"])
+    result = {}
+    if "folded" in times and len(times["folded"]) == 2:  # stats pass + GEMM
+        result["folded"] = 1e3 * sum(times["folded"])
+    if "materialised" in times:
+        rate = PEAK_BF16 * (1.0 if dname != "fp32" else DOT_RATE["ieee"])
+        result["materialised"] = 1e3 * (times["materialised"][0] + 2 * M * N * L * D / rate)
+    return result
 
 
 def _explain_issue(e: dict, p: dict) -> list[str]:

@@ -453,3 +453,28 @@ def test_collect_checks_the_protocol(monkeypatch):
         kr.collect(modules=["fake_kernels"])
     with pytest.raises(ValueError, match="preset"):
         kr.collect("a100")
+
+
+PREDICT_VARIANTS = """
+import json, torch
+from comm_fast import kernel_report as kr
+print("RESULT" + json.dumps([kr.predict_variants("multilevel_merge", dict(M=256, N=128, D=64, L=3, dtype=d))
+                             for d in (torch.bfloat16, torch.float32)]))
+"""
+
+
+def test_predict_variants_for_the_bench():
+    """The bench's per-variant prediction: folded (16-bit only) and materialised, whose GEMM is taken at
+    the measured GEMM rate, so it can never come out faster than that GEMM alone."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", PREDICT_VARIANTS], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    bf16, fp32 = json.loads(lines[-1][len("RESULT"):])
+    gemm_ms = 2 * 256 * 128 * 3 * 64 / kr.PEAK_BF16 * 1e3
+    assert set(bf16) == {"folded", "materialised"} and set(fp32) == {"materialised"}
+    assert bf16["materialised"] > gemm_ms and fp32["materialised"] > gemm_ms / kr.DOT_RATE["ieee"]
+    assert bf16["folded"] > 0
+    with pytest.raises(ValueError, match="op: expected 'multilevel_merge'"):
+        kr.predict_variants("fused_mlp", {})
