@@ -4,7 +4,8 @@ decoder), about 2,048 tokens per step.
 
     python benchmarks/bench_llm_loss.py [--model tiny|mid-32k|both] [--steps 3] [--hidden 256] [--json out.json]
 
-Prints profile-train's report per model (peak memory of a step and tokens/s per loss) and the ratios.
+Prints profile-train's report per model (peak memory of a whole step, optimizer included, and tokens/s per
+loss, with the ratios), then on CPU the peak memory of forward + backward of one 2,048-token text row.
 """
 from __future__ import annotations
 
@@ -26,6 +27,34 @@ def mid_32k(hidden: int, layers: int) -> presets.Preset:
         return COMMConfig(vision, text, tok.image_token_id, max_length=2048)
 
     return presets.Preset("mid-32k", build, "llama", lr=(2e-3, 2e-3), cpu_threads=1, profile_batch=6)
+
+
+def text_step_peaks(spec: presets.Preset, tokens: int = 2048, repeats: int = 2) -> dict:
+    """Peak memory (MB) of forward + backward of one text row of ``tokens`` tokens, the second half of them
+    targets, per LM loss, alternated ``repeats`` times (the smallest kept: the machine is shared)."""
+    import torch
+
+    from comm_fast import bench
+    from comm_fast.mllm import COMMForCausalLM
+    from comm_fast.training.train import configure_stage
+
+    model = COMMForCausalLM(spec.config(), spec.tokenizer())
+    configure_stage(model, "finetune", None)
+    ids = torch.randint(3, model.config.text["vocab_size"], (1, tokens))
+    labels = ids.clone()
+    labels[:, :tokens // 2] = -100
+    peaks: dict = {}
+    for _ in range(repeats):
+        for kind in ("eager", "chunked"):
+            model.llm_kernels = kind
+
+            def step():
+                model(ids, labels=labels, return_logits=False).loss_sum.backward()
+                model.zero_grad(set_to_none=True)
+
+            mb = bench.peak_memory_mb(step, torch.device("cpu"))
+            peaks[kind] = mb if kind not in peaks or mb is None else min(peaks[kind], mb)
+    return peaks
 
 
 def main(argv=None) -> int:
@@ -52,6 +81,12 @@ def main(argv=None) -> int:
                                        llm_variants=True)
         results[name] = r = profile.profile(prof_args)
         print(profile.format_report(r), "\n", flush=True)
+        if args.device in (None, "cpu"):
+            r["text_row_peak_mb"] = peaks = text_step_peaks(presets.get(models[name]))
+            if None not in peaks.values():
+                print(f"{name}: forward + backward of one 2,048-token text row (1,024 targets), peak MB: eager "
+                      f"{peaks['eager']:,.0f}, chunked {peaks['chunked']:,.0f} "
+                      f"({peaks['chunked'] / peaks['eager']:.2f}x)\n", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

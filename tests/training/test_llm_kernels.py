@@ -11,6 +11,7 @@ from comm_fast.data import ByteTokenizer, tokenize_conversation
 from comm_fast.data.conversation import IGNORE_INDEX
 from comm_fast.data.dataset import Sample, collate
 from comm_fast.models import llm_kernels
+from comm_fast.ops import linear_ce
 from train_runs import metrics, train
 
 CONVS = [[{"from": "human", "value": "<image>\nWhere is the red circle?"}, {"from": "gpt", "value": "[0.1,0.2,0.3]"},
@@ -53,8 +54,11 @@ def loss_and_grads(model, kind, batch, px):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("chunk", [None, 7], ids=["default-chunk", "chunk-7"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_chunked_loss_and_every_gradient_equal_eager(model, layout):
+def test_chunked_loss_and_every_gradient_equal_eager(model, layout, chunk, monkeypatch):
+    if chunk:  # chunks that end inside answers and across samples
+        monkeypatch.setattr(linear_ce, "default_chunk", lambda *shape: chunk)
     batch = batches(model)[layout]
     batch["labels"][0, 5:9] = IGNORE_INDEX  # ignored labels inside an answer too
     px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
