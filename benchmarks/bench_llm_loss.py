@@ -40,7 +40,7 @@ def text_step_peaks(spec: presets.Preset, tokens: int = 2048, repeats: int = 2) 
 
     model = COMMForCausalLM(spec.config(), spec.tokenizer())
     configure_stage(model, "finetune", None)
-    ids = torch.randint(3, model.config.text["vocab_size"], (1, tokens))
+    ids = torch.randint(3, min(model.config.text["vocab_size"], model.config.image_token_id), (1, tokens))
     labels = ids.clone()
     labels[:, :tokens // 2] = -100
     peaks: dict = {}
