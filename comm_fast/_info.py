@@ -10,6 +10,7 @@ from comm_fast import _backend, _ext
 
 
 def info() -> dict:
+    from comm_fast.models import llm_kernels
     from comm_fast.models.attention import attention_backend
     from comm_fast.ops import merge, patch
     from comm_fast.tower import INFERENCE_RULE
@@ -27,6 +28,7 @@ def info() -> dict:
         entry["last_used"] = last.get(name)
         ops[name] = entry
     attn, attn_reason = attention_backend()
+    kernels, kernels_reason = llm_kernels.resolve("auto", "cuda" if torch.cuda.is_available() else "cpu")
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -37,6 +39,8 @@ def info() -> dict:
         "triton_interpret": _backend.triton_interpreting(),
         "extension": {"loaded": ext is not None, "cuda": _ext.has_cuda(), "reason": ext_reason},
         "attention": {"backend": attn, "reason": attn_reason},
+        "llm_kernels": {"auto": kernels, "reason": kernels_reason, "liger": llm_kernels.liger_available()[1],
+                        "last_used": {k: last[k] for k in (llm_kernels.LOSS_OP, llm_kernels.LAYERS_OP) if k in last}},
         "ops": ops,
         "tower": {"inference_merge": INFERENCE_RULE, "last_used": last.get("tower")},
     }
@@ -51,6 +55,8 @@ def format_info(data: dict) -> str:
         f"extension: {'loaded' if data['extension']['loaded'] else 'MISSING'}"
         f"{' with CUDA' if data['extension']['cuda'] else ''} - {data['extension']['reason']}",
         f"attention: {data['attention']['backend']} - {data['attention']['reason']}",
+        f"LLM kernels (training, auto): {data['llm_kernels']['auto']} - {data['llm_kernels']['reason']}"
+        + "".join(f"; last ran {k}: {v['backend']}" for k, v in data["llm_kernels"]["last_used"].items()),
         f"{'op':<24}{'cpu':<10}{'cuda':<10}why (cpu | cuda)",
     ]
     for name, e in data["ops"].items():

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from comm_fast.config import COMMVisionConfig
 from comm_fast.data.conversation import IGNORE_INDEX, encode_prompt
+from comm_fast.models.llm_kernels import lm_loss
 
 CONFIG_TYPE = "comm_causal_lm"
 WEIGHTS_NAME = "model.safetensors"
@@ -167,7 +167,21 @@ class COMMForCausalLM(nn.Module):
         self.tokenizer = tokenizer
         self.vision = COMMVisionTower(config.vision)
         self.llm = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation=attention_implementation())
+        self.llm_kernels = "eager"  # how the loss is computed: set_llm_kernels
         self.freeze_encoders()
+
+    def set_llm_kernels(self, kind: str = "auto", device=None) -> str:
+        """The LLM's training kernels (comm_fast.models.llm_kernels): "auto" | "liger" | "chunked" | "eager"
+        on ``device`` (default: where the model is). Returns the kernels resolved; liger also patches its
+        RMSNorm / RoPE / SwiGLU into the decoder. ValueError where the kind cannot run."""
+        from comm_fast.models import llm_kernels
+
+        device = self.llm.lm_head.weight.device if device is None else device
+        name, _ = llm_kernels.resolve(kind, device)
+        if name == "liger" and self.llm_kernels != "liger":
+            llm_kernels.apply_liger(self.llm)
+        self.llm_kernels = name
+        return name
 
     def freeze_encoders(self) -> None:
         """CLIP and DINOv2 are frozen in every stage (the tower then runs them without autograd)."""
@@ -309,9 +323,8 @@ class COMMForCausalLM(nn.Module):
             target = labels[:, 1:]
             valid = target != IGNORE_INDEX
             out.num_label_tokens = int(valid.sum())
-            h = hidden[:, :-1][valid]
-            logits_sel = self.llm.lm_head(h).float()
-            out.loss_sum = F.cross_entropy(logits_sel, target[valid], reduction="sum")
+            with _range("lm_loss"):
+                out.loss_sum = lm_loss(self.llm_kernels, hidden[:, :-1][valid], target[valid], self.llm.lm_head)
             out.loss = out.loss_sum / max(out.num_label_tokens, 1)
         if return_logits:
             out.logits = self.llm.lm_head(hidden)

@@ -96,7 +96,10 @@ PRESETS = {p.name: p for p in (
 )}
 
 
-def get(name: str) -> Preset:
+def get(name: str | Preset) -> Preset:
+    """The preset of a name (a Preset is its own)."""
+    if isinstance(name, Preset):
+        return name
     if name not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name]

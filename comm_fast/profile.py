@@ -2,6 +2,7 @@
 
     comm-fast profile-train [--preset tiny|1b|comm-7b] [--steps N] [--batch-size B] [--stage S]
                             [--baseline] [--trace FILE.json] [--json FILE]
+                            [--llm-kernels auto|liger|chunked|eager] [--llm-variants]
 
 A model of the preset (random init, with the preset's tokenizer) trains on a synthetic set generated
 into a temporary directory, with ``comm-fast train``'s own step (``training.train.TrainStep``: collate,
@@ -11,7 +12,9 @@ boundaries, forward hooks on the visual branch). Each variant has an optimizer o
 run side by side in one process, interleaved step by step on the same batches: ours with packed rows,
 ours with padded batches, and with ``--baseline`` ours packed with the visual branch swapped for
 ``COMMReference.from_tower`` (transformers' CLIPVisionModel / Dinov2Model with
-``output_hidden_states=True`` and per-layer nn.LayerNorm / nn.Linear, same weights).
+``output_hidden_states=True`` and per-layer nn.LayerNorm / nn.Linear, same weights). With ``--llm-variants``, ours packed also runs
+with each other LM loss (``eager``: the [tokens, vocab] logits; ``chunked``: comm_fast.ops.linear_ce), the
+decoder's kernels shared, for the loss variants' peak memory and tokens/s side by side.
 
 Reported per variant: step time (median of the measured steps, after warm-up), tokens/s and
 images/s (real tokens: image and text tokens, no padding), peak memory of one step, model FLOPs
@@ -65,6 +68,7 @@ FLOPS_METHOD = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from comm_fast.cli import non_negative_int, positive_int
     from comm_fast.presets import PRESETS
+    from comm_fast.training.train import add_llm_kernels_argument
 
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape and tokenizer (random init)")
     p.add_argument("--steps", type=positive_int, default=5, help="measured steps per variant (after --warmup)")
@@ -79,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps of ours (packed) run under torch.profiler")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the LLM blocks")
+    add_llm_kernels_argument(p)
+    p.add_argument("--llm-variants", action="store_true",
+                   help="also run ours packed with each other LM loss (eager, chunked), side by side")
     p.add_argument("--threads", type=positive_int,
                    help="torch CPU threads (default: the preset's on CPU, as comm-fast train; else torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -229,8 +236,9 @@ class Variant:
     """One way of running the step (packed or padded, our visual branch or the baseline's), with its own
     optimizer and schedule over its trainable weights and its own ``TrainStep``."""
 
-    def __init__(self, name: str, label: str, pack: bool, vision, probe: Probe, train_step):
+    def __init__(self, name: str, label: str, pack: bool, vision, probe: Probe, train_step, llm_kernels: str):
         self.name, self.label, self.pack, self.vision = name, label, pack, vision
+        self.llm_kernels = llm_kernels  # the LM loss it runs (the model's decoder kernels are shared)
         self.probe, self.train_step = probe, train_step
         self.records: list[dict] = []
         self.peak_mem_mb = None
@@ -257,7 +265,8 @@ class Session:
 
     def __init__(self, preset: str = "tiny", stage: str = "finetune", batch_size: int | None = None,
                  num_batches: int = 4, baseline: bool = False, padded: bool = True, device=None, seed: int = 0,
-                 grad_checkpointing: bool = False, log=None, steps: int | None = None):
+                 grad_checkpointing: bool = False, log=None, steps: int | None = None, llm_kernels: str = "auto",
+                 llm_variants: bool = False):
         from comm_fast import presets
         from comm_fast.data.dataset import ConversationDataset, DataOrder, resolve_data
         from comm_fast.data.synthetic import make_synthetic
@@ -281,6 +290,7 @@ class Session:
         self.model = model = model.to(device)
         if grad_checkpointing:
             model.enable_activation_checkpointing()
+        self.llm_kernels = kernels = model.set_llm_kernels(llm_kernels, device)
         trainable = train.configure_stage(model, stage, None)
         self.tune_llm = any(n.startswith("llm.") for n in trainable)
         model.train()
@@ -312,10 +322,13 @@ class Session:
             self.ours_params = [p for p in model.parameters() if p.requires_grad]
             encoders = {"clip": model.vision.clip, "dino": model.vision.dino}
             self.variants = [Variant("ours_packed", "ours packed", True, model.vision,
-                                     Probe(clock, model.vision, encoders), make_step(self.ours_params, True))]
+                                     Probe(clock, model.vision, encoders), make_step(self.ours_params, True), kernels)]
             if padded:
                 self.variants.append(Variant("ours_padded", "ours padded", False, model.vision,
-                                             self.variants[0].probe, make_step(self.ours_params, False)))
+                                             self.variants[0].probe, make_step(self.ours_params, False), kernels))
+            for loss in [k for k in ("eager", "chunked") if llm_variants and k != kernels]:
+                self.variants.append(Variant(f"ours_packed_loss_{loss}", f"packed, {loss} loss", True, model.vision,
+                                             self.variants[0].probe, make_step(self.ours_params, True), loss))
             if baseline:
                 log("building the baseline visual branch (COMMReference.from_tower)")
                 ref = COMMReference.from_tower(model.vision).to(device)
@@ -324,7 +337,7 @@ class Session:
                           + [p for p in base.parameters() if p.requires_grad])
                 self.variants.append(Variant("baseline_packed", "baseline packed", True, base,
                                              Probe(clock, base, {"clip": ref.clip_model, "dino": ref.dino_model}),
-                                             make_step(params, True)))
+                                             make_step(params, True), kernels))
             self.use_autocast = self.variants[0].train_step.autocast
         except BaseException:
             self.close()
@@ -337,7 +350,7 @@ class Session:
         """One training step of ``variant`` on batch ``k``, timed and split at the step's marks."""
         model, device, clock = self.model, self.device, self.clock
         idx = self.batches[k]
-        model.vision = variant.vision
+        model.vision, model.llm_kernels = variant.vision, variant.llm_kernels
         try:
             clock.marks = []
             _sync(device)
@@ -347,7 +360,7 @@ class Session:
             _sync(device)
             total = (time.perf_counter() - t0) * 1e3
         finally:
-            model.vision = self.ours_vision
+            model.vision, model.llm_kernels = self.ours_vision, self.llm_kernels
         return {"ms": total, "loss": r["loss"], "tokens": r["tokens"], "images": r["images"],
                 "computed_tokens": r["computed_tokens"],
                 "flops": self.count_flops([self.lengths[i] for i in idx], r["targets"], r["images"]),
@@ -374,8 +387,9 @@ def profile(args) -> dict:
         raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda asked for, but no CUDA device is available here")
+    spec = get(args.preset)
     if args.threads is None and device.type == "cpu":
-        args.threads = get(args.preset).cpu_threads
+        args.threads = spec.cpu_threads
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda msg: print(f"[profile-train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -387,7 +401,8 @@ def profile(args) -> dict:
 
     measured = args.warmup + args.steps
     session = Session(args.preset, args.stage, args.batch_size, measured + args.profile_steps + 1, args.baseline,
-                      not args.no_padded, device, args.seed, args.grad_checkpointing, log)
+                      not args.no_padded, device, args.seed, args.grad_checkpointing, log,
+                      llm_kernels=args.llm_kernels, llm_variants=args.llm_variants)
     variants = session.variants
     try:
         # warm-up and measured steps, the variants interleaved step by step on the same batches
@@ -411,9 +426,9 @@ def profile(args) -> dict:
                 if k >= args.warmup:
                     v.records.append(rec)
         total_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        backends = _backend.last_used()  # what the fused ops actually ran on, during the measured steps
         # torch.profiler over ours (packed): the record_function ranges, the trace
         prof_info = _profiled(session, variants[0], range(measured, measured + args.profile_steps), args.trace)
+        backends = _backend.last_used()  # what ours' ops actually ran on, in the steps just run
         # peak memory of one step per variant (CUDA: max_memory_allocated; CPU: heap sampled after every op)
         last = len(session.batches) - 1
         for v in variants:
@@ -435,13 +450,20 @@ def profile(args) -> dict:
         a, b = rows["ours_packed"]["peak_step_mem_mb"], rows["baseline_packed"]["peak_step_mem_mb"]
         if a and b:
             ratios["ours_over_baseline_peak_step_mem"] = a / b
+    for name, row in rows.items():  # the LM loss variants against ours
+        if name.startswith("ours_packed_loss_") and "tokens_per_s" in row:
+            other = name[len("ours_packed_loss_"):]
+            ratios[f"ours_over_{other}_loss_tokens_per_s"] = rows["ours_packed"]["tokens_per_s"] / row["tokens_per_s"]
+            a, b = rows["ours_packed"]["peak_step_mem_mb"], row["peak_step_mem_mb"]
+            if a and b:
+                ratios[f"ours_over_{other}_loss_peak_step_mem"] = a / b
     sample_tokens = [session.lengths[i] for b in session.batches[args.warmup:measured] for i in b]
     return {
-        "preset": args.preset, "stage": args.stage, "batch_size": session.batch_size, "warmup": args.warmup,
+        "preset": spec.name, "stage": args.stage, "batch_size": session.batch_size, "warmup": args.warmup,
         "steps": args.steps, "device": _device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "dtype": "bf16 autocast" if session.use_autocast else "fp32",
-        "attention": model.llm.config._attn_implementation,
+        "attention": model.llm.config._attn_implementation, "llm_kernels": session.llm_kernels,
         "params": {"total": _numel(model), "trained": sum(p.numel() for p in session.ours_params),
                    "llm": _numel(model.llm), "encoders": _numel(model.vision.clip) + _numel(model.vision.dino)},
         "peak_gemm_tflops": peak_tflops, "gemm": f"{gemm_n}x{gemm_n} {str(dtype).replace('torch.', '')} matmul",
@@ -500,7 +522,7 @@ def _summary(v: Variant, peak_tflops: float) -> dict:
     split = {p: statistics.mean(r["split"][p] for r in recs) for p in PHASES}
     step_mean = statistics.mean(r["ms"] for r in recs)
     return {
-        "label": v.label, "packed": v.pack,
+        "label": v.label, "packed": v.pack, "llm_loss": v.llm_kernels,
         "step_ms_median": statistics.median(r["ms"] for r in recs), "step_ms": [r["ms"] for r in recs],
         "tokens_per_s": sum(r["tokens"] for r in recs) / time_s,
         "images_per_s": sum(r["images"] for r in recs) / time_s,
@@ -543,11 +565,13 @@ def format_report(r: dict) -> str:
     d = r["data"]
     out = [f"comm-fast profile-train: preset {r['preset']}, stage {r['stage']}, batch {r['batch_size']}, "
            f"{r['steps']} measured steps after {r['warmup']} warm-up",
-           f"device: {r['device']}{threads}; torch {r['torch']}; {r['dtype']}; attention {r['attention']}",
+           f"device: {r['device']}{threads}; torch {r['torch']}; {r['dtype']}; attention {r['attention']}; "
+           f"LLM kernels {r['llm_kernels']}",
            f"data: synthetic finetune mix, {d['tokens_min']}-{d['tokens_max']} tokens per sample "
            f"(mean {d['tokens_mean']:.0f}, {d['image_tokens_per_sample']} image tokens)",
            f"GEMM peak measured here: {r['peak_gemm_tflops']:.3g} TFLOP/s ({r['gemm']})", "",
            head,
+           line("LM loss", lambda x: x["llm_loss"]),
            line("step time, median (ms)", lambda x: f"{x['step_ms_median']:,.1f}"),
            line("tokens/s (real tokens)", lambda x: f"{x['tokens_per_s']:,.0f}"),
            line("images/s", lambda x: f"{x['images_per_s']:,.1f}"),
@@ -568,6 +592,12 @@ def format_report(r: dict) -> str:
         out.append(f"ours / baseline (naive transformers visual branch) tokens/s: "
                    f"{ratios['ours_over_baseline_tokens_per_s']:.2f}x"
                    + (f"; peak step memory ours / baseline: {mem:.2f}x" if mem else ""))
+    for key, value in ratios.items():
+        if key.endswith("_loss_tokens_per_s"):
+            other = key[len("ours_over_"):-len("_loss_tokens_per_s")]
+            mem = ratios.get(f"ours_over_{other}_loss_peak_step_mem")
+            out.append(f"ours ({r['llm_kernels']} loss) / {other} loss tokens/s: {value:.2f}x"
+                       + (f"; peak step memory: {mem:.2f}x" if mem else ""))
     prof = r["profiler"]
     if "error" in prof:
         out.append(f"torch.profiler pass failed: {prof['error']}")

@@ -85,12 +85,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per packed row (default: one row per micro-batch with per-sample attention, "
                         "else 2 x max-length, as a block-diagonal mask costs row_length^2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the LLM blocks")
+    add_llm_kernels_argument(p)
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) records with bad images")
     p.add_argument("--synthetic-n", type=positive_int, default=400, help="images in the generated synthetic set")
     p.add_argument("--threads", type=positive_int,
                    help="torch CPU threads per process (default: the preset's on CPU, 1 for tiny; else torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_llm_kernels_argument(p: argparse.ArgumentParser) -> None:
+    from comm_fast.models.llm_kernels import LLM_KERNELS
+
+    p.add_argument("--llm-kernels", default="auto", choices=LLM_KERNELS,
+                   help="the LM loss (and with liger the decoder's RMSNorm/RoPE/SwiGLU): liger = Liger-Kernel "
+                        "(CUDA, liger-kernel installed), chunked = chunked linear cross-entropy (no [tokens, vocab] "
+                        "logits), eager = transformers' (default auto: liger when it can run, else chunked)")
 
 
 # -- distributed ------------------------------------------------------------------------------------
@@ -372,6 +382,10 @@ def train(args) -> dict:
         if args.dropout is None:
             args.dropout = float(model.config.text.get("attention_dropout", 0.0) or 0.0)
         set_dropout(model, args.dropout)
+        try:
+            model.set_llm_kernels(args.llm_kernels, dist.device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         if args.max_length is None:
             args.max_length = model.config.max_length
         pack, pack_length = packing_defaults(model, args.max_length)
