@@ -1,7 +1,7 @@
 """comm_fast: a fast, exact runtime for COMM-style multimodal LLMs.
 
 COMM ("From CLIP to DINO", arXiv 2310.08825) fuses multi-level CLIP and DINOv2 features into
-visual tokens for a LLaMA-family decoder. See DESIGN.md for the contracts.
+visual tokens for a LLaMA-family decoder. docs/architecture.md describes the semantics and contracts.
 """
 from __future__ import annotations
 

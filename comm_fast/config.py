@@ -1,4 +1,4 @@
-"""COMMVisionConfig: the visual branch's options (DESIGN §1–§2), saved as config.json."""
+"""COMMVisionConfig: the visual branch's options (docs/architecture.md §1–§2), saved as config.json."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +26,7 @@ class COMMVisionConfig:
     clip_image_size: int = 336
     dino_image_size: int = 336
     out_dim: int = 4096                                   # the LLM's hidden size
-    clip_pos_interp: str | None = None                    # None: the checkpoint family's mode (DESIGN §1)
+    clip_pos_interp: str | None = None                    # None: the checkpoint family's mode (docs/architecture.md §1)
     dino_pos_interp: str | None = None
     ln_eps: float = 1e-5                                  # eps of the merge LayerNorms
     clip: dict | None = None                              # encoder configs (comm_fast.models.ViTConfig fields)

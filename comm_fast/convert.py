@@ -2,7 +2,7 @@
 
 LLaVA's CLIP tower and its LLaMA decoder (with lm_head) are reused as they are; a DINOv2 encoder is
 added from ``dino_path``; the COMM merge modules, the DINOv2 MLP and the projector are new and
-initialised as DESIGN §1 says (LayerNorm identity, α = 1/L, Linear default). LLaVA's own
+initialised as docs/architecture.md §1 says (LayerNorm identity, α = 1/L, Linear default). LLaVA's own
 projector (Linear-GELU-Linear over one CLIP layer) has no counterpart and is dropped.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The COMM visual branch (arXiv 2310.08825, DESIGN §1) in plain PyTorch: the ground truth.
+"""The COMM visual branch (arXiv 2310.08825, docs/architecture.md §1) in plain PyTorch: the ground truth.
 
 Readable next to the paper and never the fast path. Everything fused in comm_fast is tested
 against these functions, and ``COMMReference`` is the composition a user would write from
@@ -43,7 +43,7 @@ def resample_tokens(tokens: torch.Tensor, src_hw, dst_hw, mode: str = "bilinear"
 
 
 def interpolate_pos_embed(pos: torch.Tensor, src_hw, dst_hw, mode: str = "hf", num_prefix_tokens: int = 1):
-    """Each source's own F.interpolate call on a [1, P + H*W, D] position embedding (DESIGN §1)."""
+    """Each source's own F.interpolate call on a [1, P + H*W, D] position embedding (docs/architecture.md §1)."""
     if tuple(src_hw) == tuple(dst_hw):
         return pos
     d = pos.shape[-1]

@@ -145,7 +145,7 @@ class COMMVisionTower(nn.Module):
 
     @torch.no_grad()
     def reset_heads(self) -> None:
-        """Initialise the merge modules, MLP and projector (DESIGN §1: LN identity, α = 1/L, Linear default)."""
+        """Initialise the merge modules, MLP and projector (docs/architecture.md §1: LN identity, α = 1/L, Linear default)."""
         for name in self.HEADS:
             for m in getattr(self, name).modules():
                 if hasattr(m, "reset_parameters"):

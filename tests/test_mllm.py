@@ -249,7 +249,7 @@ def test_from_llava(tmp_path, seed):
                                clip_sd["vision_model.embeddings.patch_embedding.weight"]
                                if "vision_model.embeddings.patch_embedding.weight" in clip_sd
                                else clip_sd["embeddings.patch_embedding.weight"])
-    assert torch.all(model.vision.clip_merge.alpha == 1 / 3)  # fresh heads as DESIGN §1
+    assert torch.all(model.vision.clip_merge.alpha == 1 / 3)  # fresh heads as docs/architecture.md §1
     ids[:, 3] = 299  # one <image> per sample
     out = model(ids, pixel_values=pixels(2), labels=ids)
     assert torch.isfinite(out.loss)

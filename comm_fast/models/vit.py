@@ -36,7 +36,7 @@ class ViTConfig:
     num_register_tokens: int = 0
     pre_norm: bool = False         # CLIP's pre_layrnorm
     patch_bias: bool = True
-    pos_interp: str = "hf"         # position-embedding interpolation mode (DESIGN §1)
+    pos_interp: str = "hf"         # position-embedding interpolation mode (docs/architecture.md §1)
     num_channels: int = 3
 
     def __post_init__(self):
