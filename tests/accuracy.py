@@ -1,7 +1,8 @@
-"""Float64 references of the merge ops and the one accuracy rule every kernel and op test applies."""
+"""Float64 helpers and the one accuracy rule every kernel and op test applies (references: comm_fast.reference)."""
 import torch
 import torch.nn.functional as F
 
+from comm_fast import reference
 from comm_fast.activations import ACTIVATIONS as ACT  # checked against transformers' ACT2FN in tests/test_activations.py
 
 
@@ -17,17 +18,10 @@ def grads(fn, leaves, params, grad, dtype):
     return out.detach(), torch.autograd.grad(out, ls + ps, grad.to(dtype))
 
 
-def ref_lnws(layers, w, b, a, eps=1e-5):
-    return sum(a[l] * F.layer_norm(x, x.shape[-1:], w[l], b[l], eps) for l, x in enumerate(layers))
-
-
-def ref_merge(layers, w, b, W, bias, a, eps=1e-5):
-    return sum(a[l] * F.linear(F.layer_norm(x, x.shape[-1:], w[l], b[l], eps), W[l], bias[l])
-               for l, x in enumerate(layers))
-
-
-def ref_mlp(x, w1, b1, w2, b2, act="gelu"):
-    return F.linear(ACT[act](F.linear(x, w1, b1)), w2, b2)
+# The ground truth is comm_fast.reference, run in float64 by the tests; no second copy of it here.
+ref_lnws = reference.layernorm_weighted_sum
+ref_merge = reference.multilevel_merge
+ref_mlp = reference.mlp
 
 
 def mlp_params(D1, H, D2, dtype):
