@@ -327,3 +327,33 @@ def test_tower_through_triton_kernels(tmp_path, seed, grad, monkeypatch):
     used = _backend.last_used()
     assert used["fused_mlp"]["backend"] == "triton"
     assert used["multilevel_merge"]["backend"] == "triton"  # streaming too: the GEMM accumulates (out=)
+
+
+@pytest.mark.gpu
+def test_tower_forward_replays_in_a_cuda_graph_and_compiles_reduce_overhead(tmp_path, seed):
+    """Inference on CUDA without host syncs: after one warm-up call (merge variant chosen, derived weights
+    and patch tables cached) the tower's forward is captured in a CUDA graph, and a replay on new inputs
+    equals eager; torch.compile(mode="reduce-overhead") (CUDA graphs through inductor) runs and agrees."""
+    tower, _ = _build(tmp_path, dino_image_size=70)
+    tower = tower.cuda().to(torch.bfloat16)
+    clip_px = torch.randn(2, 3, 56, 56, device="cuda", dtype=torch.bfloat16)
+    dino_px = torch.randn(2, 3, 70, 70, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            tower(clip_px, dino_px)  # warm-up on a side stream, as torch.cuda.graphs asks
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = tower(clip_px, dino_px)
+        new_clip, new_dino = torch.randn_like(clip_px), torch.randn_like(dino_px)
+        clip_px.copy_(new_clip)
+        dino_px.copy_(new_dino)
+        graph.replay()
+        eager = tower(new_clip, new_dino)
+        torch.testing.assert_close(static_out, eager, rtol=0, atol=0)
+        compiled = torch.compile(tower, mode="reduce-overhead")
+        for _ in range(3):  # recorded on the second call, replayed after
+            out = compiled(new_clip, new_dino)
+        assert rel_err(out.float(), eager.float()) <= 2e-2
