@@ -25,21 +25,22 @@ ACTIVATIONS = {
 }
 
 
+def check_activation(name) -> None:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {name!r}")
+
+
 def activation(x: Tensor, name: str) -> Tensor:
-    try:
-        fn = ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {name!r}") from None
-    return fn(x)
+    check_activation(name)
+    return ACTIVATIONS[name](x)
 
 
 def activation_backward(name: str, grad: Tensor, pre: Tensor) -> Tensor:
     """d activation(pre) / d pre, times grad."""
+    check_activation(name)
     if name in ("gelu", "gelu_tanh"):
         return torch.ops.aten.gelu_backward(grad, pre, approximate="none" if name == "gelu" else "tanh")
     if name == "relu":
         return torch.ops.aten.threshold_backward(grad, pre, 0)
-    if name == "quick_gelu":
-        s = torch.sigmoid(QUICK_GELU_SCALE * pre)
-        return grad * (s + QUICK_GELU_SCALE * pre * s * (1 - s))
-    raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {name!r}")
+    s = torch.sigmoid(QUICK_GELU_SCALE * pre)  # quick_gelu
+    return grad * (s + QUICK_GELU_SCALE * pre * s * (1 - s))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from comm_fast import _backend
-from comm_fast.activations import ACTIVATIONS, activation_backward
+from comm_fast.activations import ACTIVATIONS, activation_backward, check_activation as _check_activation
 from comm_fast.ops import merge_variants
 from comm_fast.ops._custom import note as _note, ran as _ran, register as _register
 
@@ -229,11 +229,6 @@ def _check_eps(eps) -> float:
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
     return float(eps)
-
-
-def _check_activation(activation) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {activation!r}")
 
 
 # ---------------------------------------------------------------------------------------------
