@@ -18,7 +18,8 @@ def from_llava(directory, dino_path, **vision_overrides):
     from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
     from comm_fast.data.tokenizer import load_tokenizer
-    from comm_fast.mllm import COMMForCausalLM, attention_implementation
+    from comm_fast.mllm import COMMForCausalLM
+    from comm_fast.models.packing import attention_implementation
     from comm_fast.models import loading
     from comm_fast.tower import COMMVisionTower
 

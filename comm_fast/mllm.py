@@ -5,93 +5,29 @@ N copies of ``image_token_id`` (one ``<image>`` per image is also accepted and e
 the decoder's input embeddings at those positions are replaced by the visual tokens, in order.
 
 Packed rows (several samples in one row) are described as in flash-attn varlen: ``position_ids``
-restart at 0 at each sample and ``attention_mask`` is None. With SDPA the model builds the
-block-diagonal causal mask; with flash-attn the rows are flattened into one varlen row.
+restart at 0 at each sample and ``attention_mask`` is None; comm_fast.models.packing attends within
+each sample (with flash-attn the rows are flattened into one varlen row).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import os
 from typing import Any
 
 import torch
 import torch.nn as nn
+from transformers.utils import ModelOutput
 
 from comm_fast.config import COMMVisionConfig
 from comm_fast.data.conversation import IGNORE_INDEX, encode_prompt
+from comm_fast.models.packing import VARLEN_SDPA, attention_implementation, block_causal_mask, sample_lengths
 from comm_fast.models.llm_kernels import lm_loss
 
 CONFIG_TYPE = "comm_causal_lm"
 WEIGHTS_NAME = "model.safetensors"
-
-
-VARLEN_SDPA = "comm_sdpa_varlen"
-
-
-@functools.lru_cache(maxsize=None)
-def attention_implementation() -> str:
-    """"flash_attention_2" when flash-attn imports, else SDPA ("comm_sdpa_varlen": transformers' SDPA
-    path, plus per-sample attention for packed rows; plain "sdpa" where it cannot be registered)."""
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:
-        return VARLEN_SDPA if _register_varlen_sdpa() else "sdpa"
-    return "flash_attention_2"
-
-
-def _register_varlen_sdpa() -> bool:
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    except ImportError:
-        return False
-    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
-    return True
-
-
-def varlen_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA that, for packed rows, attends within each sample only, one causal SDPA call per sample.
-
-    The samples of a packed row are contiguous and start where the position ids restart at 0, so each
-    sample's queries, keys and values are a split of the flattened rows (a view when there is one row):
-    the work is sum(len^2), with no padding anywhere (a [samples, longest] grid would cost
-    samples x longest^2, as much as a padded batch, and a block-diagonal mask row_length^2). Anything
-    else (padded batches, decoding with a cache) goes to transformers' SDPA unchanged.
-    """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
-    packed = kwargs.pop("comm_packed", False)  # set by COMMForCausalLM.forward for packed rows only
-    lengths = kwargs.pop("comm_lengths", None)  # the samples' lengths along the flattened rows, if known
-    pos = kwargs.get("position_ids")
-    b, h, t, d = query.shape
-    if not packed or pos is None or key.shape[2] != t or pos.shape[-1] != t:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    if lengths is None:
-        lengths = sample_lengths(pos.expand(b, t))
-    key, value = (repeat_kv(x, h // x.shape[1]) for x in (key, value))
-
-    def split(x):  # [B, H, T, D] -> per sample [1, H, len, D]
-        return x.transpose(0, 1).reshape(1, h, b * t, x.shape[-1]).split(lengths, dim=2)
-
-    p = dropout if module.training else 0.0
-    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                                                      dropout_p=p)
-                     for q, k, v in zip(split(query), split(key), split(value))], dim=2)
-    return out[0].transpose(0, 1).reshape(b, t, h, d), None
-
-
-def sample_lengths(position_ids: torch.Tensor) -> list[int]:
-    """Lengths of the samples of packed rows, in order along the flattened rows (each starts at position 0)."""
-    starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    return [e - s for s, e in zip(starts, starts[1:] + [position_ids.numel()])]
 
 
 @dataclasses.dataclass
@@ -133,11 +69,13 @@ class COMMConfig:
 
 
 @dataclasses.dataclass
-class COMMOutput:
+class COMMOutput(ModelOutput):
+    """A transformers ModelOutput: ``out.loss``, ``out["loss"]`` and ``out[0]`` (the first field set) all work."""
+
     loss: torch.Tensor | None = None        # mean over label tokens
     logits: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None    # summed token losses, for exact global normalisation
-    num_label_tokens: int = 0
+    num_label_tokens: int | None = None  # label tokens counted (with labels)
 
 
 def _range(name: str):
@@ -146,14 +84,6 @@ def _range(name: str):
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return torch.profiler.record_function(f"comm_fast::{name}")
-
-
-def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] bool mask (True = attend): causal, and only within the sample a token belongs to."""
-    seg = (position_ids == 0).cumsum(-1)
-    t = position_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
 class COMMForCausalLM(nn.Module):

@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from comm_fast.mllm import VARLEN_SDPA
+from comm_fast.models.packing import VARLEN_SDPA
 from comm_fast.training import checkpoint, report
 
 STAGES = ("pretrain", "finetune")
