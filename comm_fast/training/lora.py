@@ -155,7 +155,8 @@ def setup(args, model, device) -> dict | None:
         return None
     check_stage(args.stage, args.tune_llm)
     check = apply(model, opts, device)
-    paths = {k: os.path.abspath(getattr(args, k)) if getattr(args, k) else None for k in ("model", "llm", "clip", "dino")}
+    paths = {k: os.path.abspath(getattr(args, k)) if getattr(args, k) else None
+             for k in ("model", "llm", "clip", "dino")}
     return {**opts, "base": {**paths, "preset": args.preset, "seed": args.seed}, "check": check,
             "attention_dropout": args.dropout}
 
