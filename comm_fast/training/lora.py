@@ -255,6 +255,9 @@ def build_base(info: dict, base: str | None = None, where: str = "adapter"):
     from comm_fast.training.train import build_model, seed_all
 
     b = info["base"]
+    if base is None and b["model"] and not os.path.isdir(b["model"]):
+        raise FileNotFoundError(f"{where}: its base model {b['model']} (the run's --model) is not there any more; "
+                                "pass --base DIR")
     seed_all(b["seed"])
     model, _ = build_model(argparse.Namespace(model=base or b["model"], preset=b["preset"], llm=b["llm"],
                                               clip=b["clip"], dino=b["dino"]))
