@@ -329,7 +329,6 @@ def run(args) -> int:
         print("comm-fast merge-lora: error: --out: expected a directory other than --model", file=sys.stderr)
         return 2
     try:
-        read_info(args.model)
         merge(args.model, args.out, args.base)
     except (ValueError, FileNotFoundError) as exc:
         print(f"comm-fast merge-lora: error: {exc}", file=sys.stderr)
