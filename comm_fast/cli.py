@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": ("comm_fast.bench", "microbenchmarks: fused vs eager reference vs torch.compile"),
     "profile-train": ("comm_fast.profile", "profile training steps of COMMForCausalLM"),
     "train": ("comm_fast.training.train", "train COMMForCausalLM (pretrain / finetune)"),
+    "merge-lora": ("comm_fast.training.lora", "merge a LoRA run's adapter into a plain model"),
     "plot": ("comm_fast.plot", "draw a training run's loss, learning rate and tokens/s (metrics.jsonl)"),
     "make-data": ("comm_fast.data.synthetic", "write a synthetic grounding and captioning set"),
     "generate": ("comm_fast.generate", "answer a prompt about an image"),
@@ -52,6 +53,10 @@ def non_negative_float(text: str) -> float:
 
 def fraction(text: str) -> float:
     return _number(float, text, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def dropout_probability(text: str) -> float:
+    return _number(float, text, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Random-weight Hugging Face vision models written with save_pretrained (no network)."""
+"""Random-weight Hugging Face models written with save_pretrained (no network): vision encoders, a tiny Llama."""
 from __future__ import annotations
 
 import torch
@@ -35,3 +35,23 @@ def hf_dinov2_reg(**overrides) -> Dinov2WithRegistersModel:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def hf_llama_with_tokenizer(directory):
+    """A random tiny Llama and a BPE tokenizer trained on the spot (no network), saved like a Vicuna dir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from comm_fast.data.conversation import SYSTEM
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = [SYSTEM, "USER: ASSISTANT: Where is the red circle? Answer with a box. [0.123,0.456,0.789,0.912]",
+              "A blue square and a green triangle on a striped background. What is at"]
+    bpe.train_from_iterator(corpus * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(directory)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(directory)

@@ -7,6 +7,9 @@ DIR/.tmp-checkpoint-STEP and renamed into place once every file is there, so a d
 checkpoint-STEP is complete; one cut off mid-write is a .tmp- directory and is never loaded, and one
 that lacks any file (an RNG file of any rank included) is not complete.
 
+A LoRA run's checkpoint is also an adapter directory (comm_fast.training.lora): trainable.safetensors holds the
+heads, adapter_model.safetensors and adapter_config.json PEFT's adapter, lora.json its base; no frozen weight.
+
 State dicts go through torch.distributed.checkpoint's get/set_state_dict with full (unsharded)
 tensors, so one format serves a single process, DDP and FSDP2.
 """
@@ -20,6 +23,8 @@ import shutil
 
 import numpy as np
 import torch
+
+from comm_fast.training import lora
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -48,6 +53,8 @@ def read_state(path: str) -> dict | None:
     if not isinstance(state, dict) or "step" not in state or not isinstance(state.get("world_size"), int):
         return None
     if not all(os.path.isfile(os.path.join(path, rng_file(r))) for r in range(state["world_size"])):
+        return None
+    if state.get("lora") and not all(os.path.isfile(os.path.join(path, f)) for f in lora.FILES):
         return None
     return state
 
@@ -100,8 +107,10 @@ def save(out: str, step: int, model, optimizer, scheduler, trainable: set[str], 
     try:
         torch.save(rng_state(), os.path.join(tmp, rng_file(rank)))
         if rank == 0:
-            save_safetensors({k: v for k, v in model_sd.items() if k in trainable},
-                             os.path.join(tmp, "trainable.safetensors"))
+            weights = {k: v for k, v in model_sd.items() if k in trainable}
+            if state.get("lora"):  # the adapter in PEFT's files, the heads in trainable.safetensors
+                weights = lora.save(tmp, model, weights, state["lora"])
+            save_safetensors(weights, os.path.join(tmp, "trainable.safetensors"))
             torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
             torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         barrier()
@@ -124,6 +133,8 @@ def load(path: str, model, optimizer, scheduler, trainable: set[str], rank: int 
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     weights = load_file(os.path.join(path, "trainable.safetensors"))
+    if lora.adapted(model) is not None:
+        weights.update(lora.read(path, model))
     if set(weights) != trainable:
         missing, extra = sorted(trainable - set(weights)), sorted(set(weights) - trainable)
         raise ValueError(f"{path}: its trainable weights do not match this run's (missing {missing[:5]}, "

@@ -3,6 +3,7 @@
     comm-fast train --preset tiny --data synthetic                         # the embedded default
     comm-fast train --preset P --data synthetic|PATH --stage pretrain|finetune --steps N --out DIR
                     [--save-every K] [--resume] [--seed S]
+                    [--lora [--lora-r R] ...]    # LoRA of the LLM (comm_fast.training.lora): writes DIR/adapter
     torchrun --nproc_per_node 2 -m comm_fast.cli train ... [--fsdp]        # DDP, or FSDP2 with --fsdp
 
 One optimizer step consumes a global batch of batch_size x grad_accum x world_size samples, taken in
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from comm_fast.models.packing import VARLEN_SDPA
-from comm_fast.training import checkpoint, report
+from comm_fast.training import checkpoint, lora, report
 
 STAGES = ("pretrain", "finetune")
 DEFAULTS = {"weight_decay": 0.0, "warmup_ratio": 0.03, "max_grad_norm": 1.0}  # train's, and profile-train's
@@ -86,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else 2 x max-length, as a block-diagonal mask costs row_length^2)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing of the LLM blocks")
     add_llm_kernels_argument(p)
+    lora.add_train_arguments(p)
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) records with bad images")
     p.add_argument("--synthetic-n", type=positive_int, default=400, help="images in the generated synthetic set")
@@ -166,8 +168,8 @@ def set_dropout(model, p: float) -> None:
 
 
 def configure_stage(model, stage: str, tune_llm: bool | None) -> set[str]:
-    """Encoders frozen always; merge heads, DINOv2 MLP and projector trained; the LLM per stage. Returns
-    the names of the trainable parameters."""
+    """Encoders frozen always; merge heads, DINOv2 MLP and projector trained; the LLM per stage (only its
+    LoRA adapters when it carries them). Returns the names of the trainable parameters."""
     tune_llm = (stage == "finetune") if tune_llm is None else tune_llm
     for p in model.parameters():
         p.requires_grad_(False)
@@ -175,8 +177,10 @@ def configure_stage(model, stage: str, tune_llm: bool | None) -> set[str]:
         for p in getattr(model.vision, name).parameters():
             p.requires_grad_(True)
     if tune_llm:
-        for p in model.llm.parameters():
-            p.requires_grad_(True)
+        adapters = lora.adapted(model) is not None
+        for name, p in model.llm.named_parameters():
+            if not adapters or lora.is_adapter_param(name):
+                p.requires_grad_(True)
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -386,6 +390,10 @@ def train(args) -> dict:
             model.set_llm_kernels(args.llm_kernels, dist.device)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        try:  # LoRA (comm_fast.training.lora): adapters on the LLM, the heads trained fully
+            lora_info = lora.setup(args, model, dist.device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         if args.max_length is None:
             args.max_length = model.config.max_length
         pack, pack_length = packing_defaults(model, args.max_length)
@@ -396,6 +404,8 @@ def train(args) -> dict:
         args.tune_llm = args.stage == "finetune" if args.tune_llm is None else args.tune_llm
         if args.lr is None:
             args.lr = (preset.lr if preset else PRETRAINED_LR)[STAGES.index(args.stage)]
+            if lora_info and not preset:
+                args.lr = lora.LORA_LR
         try:
             if args.data == "synthetic":
                 data_dir = os.path.join(out, "data-synthetic")
@@ -416,6 +426,8 @@ def train(args) -> dict:
                 print(f"warning: {w.message}", file=sys.stderr)
         trainable = configure_stage(model, args.stage, args.tune_llm)
         prints = fingerprint(args, model, dataset, dist.world)
+        if lora_info:
+            prints["lora"] = lora_info
         if args.resume:
             ckpt_path, ckpt_state = found
             diff = _differences(ckpt_state.get("fingerprint", {}), prints)
@@ -498,10 +510,10 @@ def _loop(args, dist, model, engine, train_step, order, trainable, prints, start
             if step % args.save_every == 0 or step == args.steps:
                 doing = f"writing checkpoint-{step}"
                 checkpoint.save(out, step, engine, train_step.optimizer, train_step.scheduler, trainable,
-                                {"data_position": order.position, "fingerprint": prints}, dist.rank, dist.barrier,
-                                dist.world)
+                                {"data_position": order.position, "fingerprint": prints, "lora": prints.get("lora")},
+                                dist.rank, dist.barrier, dist.world)
         doing = "saving the model"
-        _save_model(out, model, engine, dist)
+        _save_model(out, model, engine, dist, trainable, prints.get("lora"))
     except Exception as exc:
         done = checkpoint.latest_complete(out)
         where = (f"the last complete checkpoint is {done[0]} (continue with --resume)" if done
@@ -513,15 +525,19 @@ def _loop(args, dist, model, engine, train_step, order, trainable, prints, start
             metrics_file.close()
         if reporter:
             reporter.close()
-    return {"out": out, "step": step, "losses": losses}
+    return {"out": out, "step": step, "losses": losses, "lora": "lora" in prints}
 
 
-def _save_model(out: str, model, engine, dist) -> None:
-    """The whole model as DIR/model (safetensors + tokenizer), for generation or the next stage."""
+def _save_model(out: str, model, engine, dist, trainable: set[str], lora_info: dict | None) -> None:
+    """The whole model as DIR/model (safetensors + tokenizer), for generation or the next stage; with LoRA
+    the adapter and the heads as DIR/adapter (comm-fast merge-lora makes a model of it)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     sd = get_model_state_dict(engine, options=checkpoint._options())
-    if dist.rank == 0:
+    if dist.rank == 0 and lora_info:
+        lora.save_model(os.path.join(out, "adapter"), model, {k: v for k, v in sd.items() if k in trainable},
+                        lora_info)
+    elif dist.rank == 0:
         model.save_pretrained(os.path.join(out, "model"), state_dict=sd)
     dist.barrier()
 
@@ -539,4 +555,7 @@ def run(args) -> int:
         first, last = summary["losses"][0], summary["losses"][-1]
         print(f"step {summary['step']}: loss {first:.4f} -> {last:.4f}; checkpoints and metrics.jsonl in "
               f"{summary['out']}")
+        if summary["lora"]:
+            print(f"LoRA adapter in {summary['out']}/adapter: comm-fast merge-lora --model {summary['out']}/adapter "
+                  "--out DIR writes a plain model")
     return 0

@@ -156,32 +156,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path, split_data, reference_ru
         assert abs(x["loss"] - y["loss"]) <= 1e-6 * y["loss"]
 
 
-def _hf_llama_with_tokenizer(directory):
-    """A random tiny Llama and a BPE tokenizer trained on the spot (no network), saved like a Vicuna dir."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from comm_fast.data.conversation import SYSTEM
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    corpus = [SYSTEM, "USER: ASSISTANT: Where is the red circle? Answer with a box. [0.123,0.456,0.789,0.912]",
-              "A blue square and a green triangle on a striped background. What is at"]
-    bpe.train_from_iterator(corpus * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.save_pretrained(directory)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-
-
 def test_train_from_local_llm_clip_dino_checkpoints(tmp_path):
-    from hf_models import hf_clip, hf_dinov2
+    from hf_models import hf_clip, hf_dinov2, hf_llama_with_tokenizer
 
     from comm_fast import COMMForCausalLM
 
-    _hf_llama_with_tokenizer(tmp_path / "llm")
+    hf_llama_with_tokenizer(tmp_path / "llm")
     hf_clip().save_pretrained(tmp_path / "clip")
     hf_dinov2().save_pretrained(tmp_path / "dino")
     out = tmp_path / "run"
