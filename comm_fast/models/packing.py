@@ -169,7 +169,8 @@ def _offsets(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(device)
 
 
-def _nested(q, k, v, lengths, scale, dropout):
+def _nested(q, k, v, lengths, scale, dropout, causal=True):
+    """(``causal=False`` only lets CPU tests check the nested tensors' layout through the math kernel.)"""
     h = q.shape[1]
     offsets = _offsets(tuple(lengths), q.device)
 
@@ -177,7 +178,7 @@ def _nested(q, k, v, lengths, scale, dropout):
         nt = torch.nested.nested_tensor_from_jagged(x, offsets, min_seqlen=min(lengths), max_seqlen=max(lengths))
         return nt.transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(njt(q), njt(_repeat_kv(k, h)), njt(_repeat_kv(v, h)), is_causal=True,
+    out = F.scaled_dot_product_attention(njt(q), njt(_repeat_kv(k, h)), njt(_repeat_kv(v, h)), is_causal=causal,
                                          scale=scale, dropout_p=dropout)
     return out.transpose(1, 2).values()
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from comm_fast import _backend
 from comm_fast.models import packing
@@ -18,20 +19,20 @@ CASES = {  # lengths, query heads, kv heads
 }
 
 
-def padded_reference(q, k, v, lengths, scale=None):
+def padded_reference(q, k, v, lengths, scale=None, causal=True):
     """The samples padded to the longest into a [S, H, L, D] batch, attention in float64 with the padding
     keys and the future masked out, unpadded back to [N, H, D]."""
     h, d, longest = q.shape[1], q.shape[2], max(lengths)
-    k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
     scale = 1 / math.sqrt(d) if scale is None else scale
 
     def pad(x):
         return torch.nn.utils.rnn.pad_sequence(list(x.double().split(lengths)), batch_first=True).transpose(1, 2)
 
-    scores = pad(q) @ pad(k).transpose(-1, -2) * scale
+    k, v = (repeat_kv(pad(x), h // x.shape[1]) for x in (k, v))  # transformers' grouping of query heads
+    scores = pad(q) @ k.transpose(-1, -2) * scale
     valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # [S, L] real keys
-    allowed = valid[:, None, None, :] & torch.ones(longest, longest, dtype=torch.bool).tril()
-    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ pad(v)
+    allowed = valid[:, None, None, :] & torch.ones(longest, longest, dtype=torch.bool).tril(0 if causal else longest)
+    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
     return torch.cat([o[:, :n].transpose(0, 1) for o, n in zip(out, lengths)])
 
 
@@ -65,6 +66,20 @@ def test_flex_forward_on_cpu_equals_the_padded_batch(seed, case):
     out = packing.packed_attention(*qkv, lengths, scale=0.25, method="flex")
     torch.testing.assert_close(out.double(), padded_reference(*qkv, lengths, 0.25), rtol=1e-5, atol=1e-5)
     assert _backend.last_used()[packing.OP]["backend"] == "flex"
+
+
+@pytest.mark.parametrize("case", ["odd", "many"])
+def test_nested_tensors_hold_the_samples_on_cpu(seed, case):
+    """The nested path's offsets, views and gradients, checked through the CPU math kernel (which has no
+    causal mask, so non-causal here; the causal kernels run under -m gpu)."""
+    lengths, h, hkv = CASES[case]
+    qkv = inputs(lengths, h, hkv, dtype=torch.float32)
+    out = packing._nested(*qkv, lengths, 0.3, 0.0, causal=False)
+    ref = padded_reference(*qkv, lengths, 0.3, causal=False)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(grads(out, qkv, g), grads(ref, qkv, g.double())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 class _Attn(torch.nn.Module):  # what transformers passes as `module`: only .training is read
