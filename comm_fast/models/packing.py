@@ -9,8 +9,8 @@ Each sample attends causally within itself only. Three ways to compute it, one r
   kernel of nested SDPA has no causal mask);
 - ``flex``: FlexAttention with a document mask (compiled on CUDA; on CPU eager and forward only).
 
-``auto`` (the default) is ``nested`` on CUDA and ``loop`` elsewhere; ``COMM_FAST_PACKED_ATTENTION``
-overrides it. flash-attn's own varlen kernel is used instead of all three when flash-attn imports
+``auto`` (the default) is ``nested`` on CUDA and ``loop`` elsewhere (should the fused call raise, auto warns
+once and runs the loop from then on, recorded as such); ``COMM_FAST_PACKED_ATTENTION`` overrides it. flash-attn's own varlen kernel is used instead of all three when flash-attn imports
 (``attention_implementation`` then returns "flash_attention_2" and the rows are flattened into one).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ ENV = "COMM_FAST_PACKED_ATTENTION"
 METHODS = ("auto", "loop", "nested", "flex")
 OP = "packed_attention"  # the name under which the method that ran is recorded (comm_fast.info(), profile)
 
+_FAILED: dict[str, str] = {}  # fused methods that raised here under auto, and why (auto then runs the loop)
 _WHY = {
     "loop": "one causal SDPA call per sample",
     "nested": "one SDPA call on nested jagged tensors (FlashAttention varlen for fp16/bf16, memory-efficient "
@@ -143,8 +144,21 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     if sum(lengths) != n or min(lengths, default=0) < 1:
         raise ValueError(f"packed_attention: lengths must be positive and sum to {n} tokens, got {list(lengths)}")
     name, why = resolve_method(q.device, method, dropout)
+    auto = requested_method(method) == "auto"
+    if auto and name in _FAILED:
+        name, why = "loop", _WHY["loop"] + f" (auto: {_FAILED[name]})"
+    try:
+        out = _METHODS[name](q, k, v, list(lengths), scale, dropout)
+    except (RuntimeError, NotImplementedError) as exc:
+        if not auto or name == "loop":
+            raise
+        # auto only: this torch build cannot run the fused call here; the loop from now on, said so
+        _FAILED[name] = f"{name} failed on {q.device.type} ({type(exc).__name__}: {str(exc)[:160]})"
+        _backend.warn_once(f"{OP}:{name}", f"packed attention: {_FAILED[name]}; using the per-sample loop "
+                                           f"(set {ENV} to choose)")
+        return packed_attention(q, k, v, lengths, scale, dropout, method)
     _backend.record(OP, name, why)
-    return _METHODS[name](q, k, v, list(lengths), scale, dropout)
+    return out
 
 
 def _heads_first(x):  # [N, H, D] -> [1, H, N, D], a view

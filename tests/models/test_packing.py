@@ -152,6 +152,24 @@ def test_methods_that_cannot_run_are_refused_with_the_reason():
         packing.packed_attention(qkv[0], *inputs([5], 3, 3)[1:], [5], method="loop")
 
 
+def test_auto_falls_back_to_the_loop_when_the_fused_call_fails_and_says_so(seed, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("No viable backend for scaled_dot_product_attention was found.")
+
+    monkeypatch.setattr(packing, "_FAILED", {})
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setitem(packing._METHODS, "nested", broken)
+    monkeypatch.setattr(packing, "resolve_method", lambda device, method, dropout: ("nested", "as on CUDA"))
+    qkv = inputs([3, 17], 4, 2)
+    with pytest.warns(RuntimeWarning, match="nested failed on cpu .*No viable backend"):
+        out = packing.packed_attention(*qkv, [3, 17])
+    torch.testing.assert_close(out, padded_reference(*qkv, [3, 17]), rtol=1e-10, atol=1e-10)
+    last = _backend.last_used()[packing.OP]
+    assert last["backend"] == "loop" and "nested failed" in last["reason"]
+    with pytest.raises(RuntimeError, match="No viable backend"):  # asked for by name: the error, no fallback
+        packing.packed_attention(*qkv, [3, 17], method="nested")
+
+
 def test_info_names_the_packed_attention():
     import comm_fast
 
