@@ -150,7 +150,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     try:
         out = _METHODS[name](q, k, v, list(lengths), scale, dropout)
     except (RuntimeError, NotImplementedError) as exc:
-        if not auto or name == "loop":
+        if not auto or name == "loop" or isinstance(exc, torch.cuda.OutOfMemoryError):
             raise
         # auto only: this torch build cannot run the fused call here; the loop from now on, said so
         _FAILED[name] = f"{name} failed on {q.device.type} ({type(exc).__name__}: {str(exc)[:160]})"
