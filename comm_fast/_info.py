@@ -11,6 +11,7 @@ from comm_fast import _backend, _ext
 
 def info() -> dict:
     from comm_fast.models import llm_kernels
+    from comm_fast.models import packing
     from comm_fast.models.attention import attention_backend
     from comm_fast.ops import merge, patch
     from comm_fast.tower import INFERENCE_RULE
@@ -39,6 +40,7 @@ def info() -> dict:
         "triton_interpret": _backend.triton_interpreting(),
         "extension": {"loaded": ext is not None, "cuda": _ext.has_cuda(), "reason": ext_reason},
         "attention": {"backend": attn, "reason": attn_reason},
+        "packed_attention": {**packing.describe(), "last_used": last.get(packing.OP)},
         "llm_kernels": {"auto": kernels, "reason": kernels_reason, "liger": llm_kernels.liger_available()[1],
                         "last_used": {k: last[k] for k in (llm_kernels.LOSS_OP, llm_kernels.LAYERS_OP) if k in last}},
         "ops": ops,
@@ -55,6 +57,7 @@ def format_info(data: dict) -> str:
         f"extension: {'loaded' if data['extension']['loaded'] else 'MISSING'}"
         f"{' with CUDA' if data['extension']['cuda'] else ''} - {data['extension']['reason']}",
         f"attention: {data['attention']['backend']} - {data['attention']['reason']}",
+        _packed_line(data["packed_attention"]),
         f"LLM kernels (training, auto): {data['llm_kernels']['auto']} - {data['llm_kernels']['reason']}"
         + "".join(f"; last ran {k}: {v['backend']}" for k, v in data["llm_kernels"]["last_used"].items()),
         f"{'op':<24}{'cpu':<10}{'cuda':<10}why (cpu | cuda)",
@@ -71,6 +74,12 @@ def format_info(data: dict) -> str:
     if tower.get("last_used"):
         lines.append(f"{'':<24}last ran: {tower['last_used']['backend']} ({tower['last_used']['reason']})")
     return "\n".join(lines)
+
+
+def _packed_line(p: dict) -> str:
+    line = (f"packed rows ({p['llm_attention']}, requested {p['requested']}): cpu {p['cpu']['backend']}, "
+            f"cuda {p['cuda']['backend']} - {p['cuda']['reason']}")
+    return line + (f"; last ran: {p['last_used']['backend']}" if p.get("last_used") else "")
 
 
 def add_arguments(parser) -> None:

@@ -378,6 +378,7 @@ class Session:
 
 def profile(args) -> dict:
     from comm_fast import _backend, bench
+    from comm_fast.models import packing
 
     from comm_fast.presets import get
 
@@ -464,6 +465,7 @@ def profile(args) -> dict:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "dtype": "bf16 autocast" if session.use_autocast else "fp32",
         "attention": model.llm.config._attn_implementation, "llm_kernels": session.llm_kernels,
+        "packed_attention": backends.get(packing.OP, {}).get("backend"),  # the packed rows' method that ran
         "params": {"total": _numel(model), "trained": sum(p.numel() for p in session.ours_params),
                    "llm": _numel(model.llm), "encoders": _numel(model.vision.clip) + _numel(model.vision.dino)},
         "peak_gemm_tflops": peak_tflops, "gemm": f"{gemm_n}x{gemm_n} {str(dtype).replace('torch.', '')} matmul",
@@ -565,8 +567,9 @@ def format_report(r: dict) -> str:
     d = r["data"]
     out = [f"comm-fast profile-train: preset {r['preset']}, stage {r['stage']}, batch {r['batch_size']}, "
            f"{r['steps']} measured steps after {r['warmup']} warm-up",
-           f"device: {r['device']}{threads}; torch {r['torch']}; {r['dtype']}; attention {r['attention']}; "
-           f"LLM kernels {r['llm_kernels']}",
+           f"device: {r['device']}{threads}; torch {r['torch']}; {r['dtype']}; attention {r['attention']}"
+           + (f" (packed rows: {r['packed_attention']})" if r.get("packed_attention") else "")
+           + f"; LLM kernels {r['llm_kernels']}",
            f"data: synthetic finetune mix, {d['tokens_min']}-{d['tokens_max']} tokens per sample "
            f"(mean {d['tokens_mean']:.0f}, {d['image_tokens_per_sample']} image tokens)",
            f"GEMM peak measured here: {r['peak_gemm_tflops']:.3g} TFLOP/s ({r['gemm']})", "",

@@ -40,6 +40,7 @@ def test_report_has_every_figure(run, capsys):
     assert r["ratios"]["packed_over_padded_tokens_per_s"] > 0
     assert r["ratios"]["ours_over_baseline_tokens_per_s"] > 0
     assert r["backends"].get("joint_preprocess")  # what the fused ops ran on is reported
+    assert r["packed_attention"] == ("nested" if torch.cuda.is_available() else "loop")  # the packed rows' attention
     ranges = r["profiler"]["ranges_ms_per_step"]
     for name in ("preprocess", "vision", "vision_encoder.clip", "vision_encoder.dino", "llm_forward", "backward",
                  "optimizer"):
@@ -78,6 +79,7 @@ def test_table_is_printed(tmp_path, capsys):
                 "--no-padded"]) == 0
     text = capsys.readouterr().out
     assert "tokens/s" in text and "LLM backward" in text and "MFU" in text and "ours packed" in text
+    assert f"(packed rows: {'nested' if torch.cuda.is_available() else 'loop'})" in text
 
 
 def test_bad_arguments(capsys):
