@@ -31,8 +31,12 @@ DRY = os.environ.get("COMM_FAST_GPU_CHECK_DRY") == "1"
 BENCH = [PY, "-m", "comm_fast.cli", "bench", "--no-progress"]
 PATCH_ROWS = ["resample_tokens", "resample_tokens_into_slot", "interpolate_pos_embed", "joint_preprocess"]
 # the GPU tests that compile inductor graphs or need every autotune config: part 2
+# tests that compile with inductor or run every config: part 2's last step, deselected from part 1's
+_FLEX = "tests/models/test_packing.py::test_fused_methods_equal_the_loop_and_the_padded_batch_on_gpu"
 HEAVY_TESTS = ["tests/kernels/test_gpu.py::test_compile_fullgraph", "tests/kernels/test_gpu.py::test_opcheck_cuda",
-               "tests/kernels/test_gpu.py::test_autotuning_ran"]
+               "tests/kernels/test_gpu.py::test_autotuning_ran",
+               *(f"{_FLEX}[flex-{case}-{dtype}]" for case in ("odd", "many") for dtype in ("fp32", "bf16")),
+               "tests/models/test_packing.py::test_packed_loss_equals_padded_loss_on_gpu[flex]"]
 
 
 @dataclasses.dataclass
@@ -107,7 +111,7 @@ def part1(out) -> list[Step]:
         _pytest(out, "tests-triton", 100, *tests, *[f"--deselect={t}" for t in HEAVY_TESTS], env=one),
         Step("info", 20, [PY, "-m", "comm_fast.info"], needs="build"),
         # the other GPU tests (the CUDA patch ops' among them) need the extension
-        _pytest(out, "tests-other", 45, *other, env=one, needs="build"),
+        _pytest(out, "tests-other", 45, *other, *[f"--deselect={t}" for t in HEAVY_TESTS], env=one, needs="build"),
         _bench(out, "bench-patch", 50, PATCH_ROWS, "--no-compile", env=one),
         _variants_step(out),
     ]
@@ -155,7 +159,7 @@ def part2_rest(out, variants) -> list[Step]:
     if DRY:
         tower.argv, tower.why = None, "dry run: two 24-block encoders take seconds to build on a CPU"
         profile.argv, profile.why = None, "dry run: a training profile takes a minute on a shared CPU"
-    return [*sweep, tower, profile, _pytest(out, "tests-heavy", 60, *HEAVY_TESTS),
+    return [*sweep, tower, profile, _pytest(out, "tests-heavy", 75, *HEAVY_TESTS),
             _bench(out, "bench-merge-compiled", 100, merge)]
 
 
