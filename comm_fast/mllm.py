@@ -29,7 +29,7 @@ import torch
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from comm_fast.data.conversation import IGNORE_INDEX, encode_prompt
+from comm_fast.data.conversation import IGNORE_INDEX
 from comm_fast.mllm_config import COMMConfig
 from comm_fast.models.llm_kernels import lm_loss
 from comm_fast.models.packing import VARLEN_SDPA, attention_implementation, block_causal_mask, sample_lengths
@@ -133,19 +133,21 @@ class COMMForCausalLM(PreTrainedModel, GenerationMixin):
         return self.vision.num_tokens
 
     # -- 1. text with image tokens ----------------------------------------------------------------------
+    @property
+    def processor(self):
+        """A COMMProcessor of this model's tokenizer and image sizes (comm_fast.models.processing)."""
+        from comm_fast.models.processing import COMMProcessor
+
+        if self.tokenizer is None:
+            raise ValueError("processor: this model has no tokenizer")
+        return COMMProcessor.of(self)
+
     def prompt_inputs(self, prompt: str | list[str], with_images: bool = True):
         """Left-padded ``(input_ids, attention_mask)`` of the Vicuna-v1 prompt of a question or a list of
         them; with images, a question without ``<image>`` gets one in front."""
         if self.tokenizer is None:
             raise ValueError("prompt: this model has no tokenizer; pass input_ids instead")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p if "<image>" in p or not with_images else "<image>\n" + p for p in prompts]
-        rows = [encode_prompt(self.tokenizer, p, self.num_image_tokens) for p in prompts]
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        return input_ids, attention_mask
+        return self.processor.prompt_inputs(prompt, with_images)
 
     def expand_image_tokens(self, input_ids, attention_mask=None, labels=None):
         """One ``<image>`` token per image -> N tokens, rows re-padded on the side they were padded."""

@@ -24,13 +24,14 @@ def save(model, directory, state_dict, save_pretrained, **kwargs) -> None:
     """``save_pretrained`` (transformers') into a temporary directory renamed over ``directory``, then the
     tokenizer and the processor files."""
     from comm_fast._io import atomic_directory
+    from comm_fast.models.processing import COMMProcessor
 
     if state_dict is not None and model.config.text.get("tie_word_embeddings"):
         state_dict = {k: v for k, v in state_dict.items() if k != TIED_HEAD}  # shares the embedding's storage
     with atomic_directory(directory) as tmp:
         save_pretrained(tmp, state_dict=state_dict, **kwargs)
         if model.tokenizer is not None:
-            model.tokenizer.save(tmp)
+            COMMProcessor.of(model).save_pretrained(tmp)  # processor_config.json + the tokenizer
 
 
 def read_config(directory) -> tuple[str, dict]:

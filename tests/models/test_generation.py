@@ -112,3 +112,18 @@ def test_streamers_receive_the_new_tokens(model, capsys):
     answer = model.generate(images=[image], prompt="What is this?", max_new_tokens=8,
                             streamer=TextStreamer(model.tokenizer))
     assert capsys.readouterr().out.strip() == answer
+
+
+def test_the_generate_command_streams_and_searches_beams(tmp_path, capsys, seed):
+    from comm_fast.cli import main
+
+    model = COMMForCausalLM(COMMConfig.preset("tiny"), ByteTokenizer()).eval()
+    model.save_pretrained(tmp_path / "m")
+    args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "hi", "--max-new-tokens", "4"]
+    capsys.readouterr()
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == plain.strip() == model.generate(prompt="hi", max_new_tokens=4)
+    assert main([*args, "--num-beams", "3"]) == 0
+    assert capsys.readouterr().out.strip() == model.generate(prompt="hi", max_new_tokens=4, num_beams=3)
