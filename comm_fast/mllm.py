@@ -296,7 +296,7 @@ class COMMForCausalLM(PreTrainedModel, GenerationMixin):
         ``return_dict_in_generate=True``, transformers' output, its ``sequences`` the new tokens).
         ``generation_config`` (default ``self.generation_config``: greedy, 64 new tokens) picks greedy,
         sampling or beam search; keyword arguments (``max_new_tokens``, ``do_sample``, ``num_beams``,
-        ``temperature``, ...) override its fields. ``streamer`` (e.g. ``transformers.TextStreamer(tokenizer)``)
+        ``temperature``, ...) override its fields. ``streamer`` (e.g. ``transformers.TextStreamer(model.processor)``)
         receives the new tokens as they are made. The image token is never generated.
         """
         strings = prompt is not None
