@@ -82,8 +82,9 @@ class COMMForCausalLM(PreTrainedModel, GenerationMixin):
         """Greedy decoding of up to 64 new tokens, stopping at the decoder's </s>."""
         text = config.text
         eos, pad = text.get("eos_token_id"), text.get("pad_token_id")
-        return GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, do_sample=False, bos_token_id=text.get("bos_token_id"),
-                                eos_token_id=eos, pad_token_id=pad if pad is not None else eos)
+        return GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, do_sample=False,
+                                bos_token_id=text.get("bos_token_id"), eos_token_id=eos,
+                                pad_token_id=pad if pad is not None else eos)
 
     def _init_weights(self, module) -> None:
         """Nothing to do: the tower initialises itself as docs/architecture.md §1 says, and the LLM as transformers'

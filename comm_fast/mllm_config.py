@@ -34,7 +34,8 @@ class COMMConfig(PretrainedConfig):
         self.image_token_id, self.max_length = image_token_id, max_length
         super().__init__(**kwargs)
         if vision is not None and text is not None and vision.out_dim != text.get("hidden_size"):
-            raise ValueError(f"vision.out_dim: {vision.out_dim} must equal the LLM's hidden_size {text.get('hidden_size')}")
+            raise ValueError(f"vision.out_dim: {vision.out_dim} must equal the LLM's hidden_size "
+                             f"{text.get('hidden_size')}")
 
     def llama_config(self):
         from transformers import LlamaConfig

@@ -41,9 +41,10 @@ def write_earlier_layout(model, directory) -> None:
     model.tokenizer.save(directory)
 
 
-def inputs(model, n_images=1):
+def inputs(model):
     tok = model.tokenizer
-    ids = torch.tensor([[tok.bos_id, *tok.encode("USER: "), tok.image_token_id, *tok.encode(" what is it? ASSISTANT:")]])
+    text = tok.encode(" what is it? ASSISTANT:")
+    ids = torch.tensor([[tok.bos_id, *tok.encode("USER: "), tok.image_token_id, *text]])
     return dict(input_ids=ids, pixel_values=(torch.randn(1, 3, 56, 56), torch.randn(1, 3, 56, 56)))
 
 
