@@ -36,10 +36,15 @@ if (all(_os.path.isfile(_os.path.join(_src_root, *f)) for f in (("setup.py",), (
 # Imported eagerly so that the name `comm_fast.info` is the function, not its module.
 from comm_fast._info import info  # noqa: E402
 
+# model_type "comm" for AutoConfig / AutoModelForCausalLM / AutoProcessor, as transformers' Auto modules load
+from comm_fast import _auto  # noqa: E402
+
+_auto.install()
+
 _LAZY = {
     "COMMVisionConfig": ("comm_fast.config", "COMMVisionConfig"),
     "COMMVisionTower": ("comm_fast.tower", "COMMVisionTower"),
-    "COMMConfig": ("comm_fast.mllm", "COMMConfig"),
+    "COMMConfig": ("comm_fast.mllm_config", "COMMConfig"),
     "COMMForCausalLM": ("comm_fast.mllm", "COMMForCausalLM"),
 }
 

@@ -1,8 +1,10 @@
 """``comm-fast generate --model DIR --image PATH --prompt TEXT``: answer a question about an image.
 
     [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--max-new-tokens N] [--sample [--temperature T]]
+    [--num-beams B] [--stream]
 
-Defaults: cuda in bfloat16 where a GPU is present, else cpu in float32; greedy decoding.
+Defaults: cuda in bfloat16 where a GPU is present, else cpu in float32; greedy decoding (``--num-beams``: beam
+search); ``--stream`` prints the answer as it is made (transformers' TextStreamer).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=positive_float,
                         help="sampling temperature (with --sample; default: the model's generation default, 1.0)")
+    parser.add_argument("--num-beams", type=positive_int, default=1, help="beam search with B beams (1: none)")
+    parser.add_argument("--stream", action="store_true", help="print the answer token by token as it is made")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: bfloat16 on cuda, float32 on cpu)")
 
@@ -48,12 +52,20 @@ def run(args) -> int:
         return _error(f"--device: {args.device} asked for, but no CUDA device is available here")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     try:
-        model = COMMForCausalLM.from_pretrained(args.model)
+        model = COMMForCausalLM.from_pretrained(args.model, dtype=dtype)
         images = load_images([args.image]) if args.image else None
     except (FileNotFoundError, ValueError) as exc:
         return _error(str(exc))
-    model = model.to(device, dtype).eval()
+    model = model.to(device).eval()
     extra = {"temperature": args.temperature} if args.temperature is not None else {}
-    print(model.generate(images=images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                         do_sample=args.sample, **extra))
+    if args.num_beams > 1:
+        extra["num_beams"] = args.num_beams
+    if args.stream:
+        from transformers import TextStreamer
+
+        extra["streamer"] = TextStreamer(model.processor)
+    answer = model.generate(images=images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                            do_sample=args.sample, **extra)
+    if not args.stream:  # the streamer printed it already
+        print(answer)
     return 0

@@ -1,71 +1,42 @@
 """COMMForCausalLM: the COMM visual branch feeding a LLaMA-family decoder (LLaVA-style composition).
 
-Each image is turned into N visual tokens by ``COMMVisionTower``; in the text every image occupies
-N copies of ``image_token_id`` (one ``<image>`` per image is also accepted and expanded here), and
-the decoder's input embeddings at those positions are replaced by the visual tokens, in order.
+    text with <image>           prompt_inputs / expand_image_tokens: N image tokens per image
+    images -> visual tokens     image_features: COMMVisionTower (CLIP + DINOv2 multi-level merge, projector)
+    embeddings                  embed: the visual tokens written over the image-token positions, in order
+    LLM                         _forward_llm: the LLaMA decoder (padded, or packed rows)
+    loss                        _loss: cross-entropy over the label tokens (comm_fast.models.llm_kernels)
+    generation                  generate: transformers' decoding (GenerationConfig, streamers) on the embeddings
 
-Packed rows (several samples in one row) are described as in flash-attn varlen: ``position_ids``
-restart at 0 at each sample and ``attention_mask`` is None; comm_fast.models.packing attends within
-each sample (with flash-attn the rows are flattened into one varlen row).
+Each image is turned into N visual tokens by ``COMMVisionTower``; in the text every image occupies N copies
+of ``image_token_id`` (one ``<image>`` per image is also accepted and expanded here).
+
+Packed rows (several samples in one row) are described as in flash-attn varlen: ``position_ids`` restart at 0
+at each sample and ``attention_mask`` is None; comm_fast.models.packing attends within each sample (with
+flash-attn the rows are flattened into one varlen row).
+
+A transformers ``PreTrainedModel``: ``save_pretrained`` / ``from_pretrained`` write and read the Hugging Face
+layout, and ``AutoModelForCausalLM`` loads it once comm_fast is imported. Building from parts and reading
+directories of the earlier layout are in comm_fast.models.assembly.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-import json
-import os
 from typing import Any
 
 import torch
-import torch.nn as nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from comm_fast.config import COMMVisionConfig
-from comm_fast.data.conversation import IGNORE_INDEX, encode_prompt
-from comm_fast.models.packing import VARLEN_SDPA, attention_implementation, block_causal_mask, sample_lengths
+from comm_fast.data.conversation import IGNORE_INDEX
+from comm_fast.mllm_config import COMMConfig
 from comm_fast.models.llm_kernels import lm_loss
+from comm_fast.models.packing import VARLEN_SDPA, attention_implementation, block_causal_mask, sample_lengths
 
-CONFIG_TYPE = "comm_causal_lm"
-WEIGHTS_NAME = "model.safetensors"
+__all__ = ["COMMConfig", "COMMForCausalLM", "COMMOutput"]
 
-
-@dataclasses.dataclass
-class COMMConfig:
-    vision: COMMVisionConfig
-    text: dict                      # LlamaConfig keyword arguments
-    image_token_id: int             # may lie past the vocabulary: it is never embedded
-    max_length: int = 2048          # longest training sequence (image tokens included)
-
-    def __post_init__(self):
-        if isinstance(self.vision, dict):
-            self.vision = COMMVisionConfig.from_dict(self.vision)
-        hidden = self.text.get("hidden_size")
-        if self.vision.out_dim != hidden:
-            raise ValueError(f"vision.out_dim: {self.vision.out_dim} must equal the LLM's hidden_size {hidden}")
-
-    def llama_config(self):
-        from transformers import LlamaConfig
-
-        return LlamaConfig(**self.text)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"config_type": CONFIG_TYPE, "vision": self.vision.to_dict(), "text": dict(self.text),
-                "image_token_id": self.image_token_id, "max_length": self.max_length}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "COMMConfig":
-        if data.get("config_type") != CONFIG_TYPE:
-            raise ValueError(f"config: expected config_type {CONFIG_TYPE!r}, got {data.get('config_type')!r}")
-        data = {k: v for k, v in data.items() if k != "config_type"}
-        return cls(**data)
-
-    @classmethod
-    def preset(cls, name: str, **vision_overrides) -> "COMMConfig":
-        """The config of a preset (comm_fast.presets, where each preset's tokenizer is too)."""
-        from comm_fast.presets import get
-
-        return get(name).config(**vision_overrides)
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 @dataclasses.dataclass
@@ -86,19 +57,50 @@ def _range(name: str):
     return torch.profiler.record_function(f"comm_fast::{name}")
 
 
-class COMMForCausalLM(nn.Module):
+class COMMForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = COMMConfig
+    base_model_prefix = "comm"  # no state-dict key starts with it: transformers renames none when loading
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+
     def __init__(self, config: COMMConfig, tokenizer=None):
-        super().__init__()
+        super().__init__(config)
         from transformers import LlamaForCausalLM
 
         from comm_fast.tower import COMMVisionTower
 
-        self.config = config
         self.tokenizer = tokenizer
         self.vision = COMMVisionTower(config.vision)
         self.llm = LlamaForCausalLM._from_config(config.llama_config(), attn_implementation=attention_implementation())
         self.llm_kernels = "eager"  # how the loss is computed: set_llm_kernels
+        self.generation_config = self.default_generation_config(config)
+        self.post_init()
         self.freeze_encoders()
+
+    @staticmethod
+    def default_generation_config(config: COMMConfig) -> GenerationConfig:
+        """Greedy decoding of up to 64 new tokens, stopping at the decoder's </s>."""
+        text = config.text
+        eos, pad = text.get("eos_token_id"), text.get("pad_token_id")
+        return GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, do_sample=False,
+                                bos_token_id=text.get("bos_token_id"), eos_token_id=eos,
+                                pad_token_id=pad if pad is not None else eos)
+
+    def _init_weights(self, module) -> None:
+        """Nothing to do: the tower initialises itself as docs/architecture.md §1 says, and the LLM as transformers'
+        Llama does, both when they are built (transformers would otherwise redraw the merge heads)."""
+
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.llm.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.llm.set_output_embeddings(value)
 
     def set_llm_kernels(self, kind: str = "auto", device=None) -> str:
         """The LLM's training kernels (comm_fast.models.llm_kernels): "auto" | "liger" | "chunked" | "eager"
@@ -131,18 +133,22 @@ class COMMForCausalLM(nn.Module):
     def num_image_tokens(self) -> int:
         return self.vision.num_tokens
 
-    # -- inputs ---------------------------------------------------------------------------------------
-    def image_features(self, pixel_values=None, images=None) -> torch.Tensor | None:
-        """[n_images, N, D] visual tokens from (clip_pixels, dino_pixels) or from uint8 images."""
-        if images is not None:
-            return self.vision.encode(images)
-        if pixel_values is None:
-            return None
-        if not isinstance(pixel_values, (tuple, list)) or len(pixel_values) != 2:
-            raise TypeError("pixel_values: expected a (clip_pixels, dino_pixels) pair of [B, 3, H, W] tensors")
-        dtype = self.vision.projector.weight.dtype
-        device = self.vision.projector.weight.device
-        return self.vision(pixel_values[0].to(device, dtype), pixel_values[1].to(device, dtype))
+    # -- 1. text with image tokens ----------------------------------------------------------------------
+    @property
+    def processor(self):
+        """A COMMProcessor of this model's tokenizer and image sizes (comm_fast.models.processing)."""
+        from comm_fast.models.processing import COMMProcessor
+
+        if self.tokenizer is None:
+            raise ValueError("processor: this model has no tokenizer")
+        return COMMProcessor.of(self)
+
+    def prompt_inputs(self, prompt: str | list[str], with_images: bool = True):
+        """Left-padded ``(input_ids, attention_mask)`` of the Vicuna-v1 prompt of a question or a list of
+        them; with images, a question without ``<image>`` gets one in front."""
+        if self.tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer; pass input_ids instead")
+        return self.processor.prompt_inputs(prompt, with_images)
 
     def expand_image_tokens(self, input_ids, attention_mask=None, labels=None):
         """One ``<image>`` token per image -> N tokens, rows re-padded on the side they were padded."""
@@ -171,6 +177,19 @@ class COMMForCausalLM(nn.Module):
         dev = input_ids.device
         return ids_t.to(dev), mask_t.to(dev), (lab_t.to(dev) if labels is not None else None)
 
+    # -- 2. the visual branch -----------------------------------------------------------------------------
+    def image_features(self, pixel_values=None, images=None) -> torch.Tensor | None:
+        """[n_images, N, D] visual tokens from (clip_pixels, dino_pixels) or from uint8 images."""
+        if images is not None:
+            return self.vision.encode(images)
+        if pixel_values is None:
+            return None
+        if not isinstance(pixel_values, (tuple, list)) or len(pixel_values) != 2:
+            raise TypeError("pixel_values: expected a (clip_pixels, dino_pixels) pair of [B, 3, H, W] tensors")
+        dtype = self.vision.projector.weight.dtype
+        device = self.vision.projector.weight.device
+        return self.vision(pixel_values[0].to(device, dtype), pixel_values[1].to(device, dtype))
+
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the visual tokens written over the image-token positions, in order."""
         is_img = input_ids == self.config.image_token_id
@@ -185,7 +204,18 @@ class COMMForCausalLM(nn.Module):
             embeds = embeds.masked_scatter(is_img.unsqueeze(-1), features.to(embeds.dtype))
         return embeds
 
-    # -- forward --------------------------------------------------------------------------------------
+    def _inputs_embeds(self, input_ids, attention_mask, features, labels=None, packed=False):
+        """(input_ids, attention_mask, labels, embeds): one ``<image>`` per image expanded to N tokens
+        when the text has not done so, then the visual tokens written in."""
+        n_img = 0 if features is None else features.shape[0]
+        count = int((input_ids == self.config.image_token_id).sum())
+        if n_img and count == n_img and self.num_image_tokens > 1:
+            if packed:
+                raise ValueError("input_ids: packed rows must carry N image tokens per image (already expanded)")
+            input_ids, attention_mask, labels = self.expand_image_tokens(input_ids, attention_mask, labels)
+        return input_ids, attention_mask, labels, self.embed(input_ids, features)
+
+    # -- 3. the LLM, 4. the loss ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None,
                 images=None, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 return_logits: bool = True) -> COMMOutput:
@@ -208,17 +238,6 @@ class COMMForCausalLM(nn.Module):
                 out.loss_sum = out.loss_sum + 0.0 * torch.stack(unused).sum()
                 out.loss = out.loss_sum / max(out.num_label_tokens, 1)
         return out
-
-    def _inputs_embeds(self, input_ids, attention_mask, features, labels=None, packed=False):
-        """(input_ids, attention_mask, labels, embeds): one ``<image>`` per image expanded to N tokens
-        when the text has not done so, then the visual tokens written in."""
-        n_img = 0 if features is None else features.shape[0]
-        count = int((input_ids == self.config.image_token_id).sum())
-        if n_img and count == n_img and self.num_image_tokens > 1:
-            if packed:
-                raise ValueError("input_ids: packed rows must carry N image tokens per image (already expanded)")
-            input_ids, attention_mask, labels = self.expand_image_tokens(input_ids, attention_mask, labels)
-        return input_ids, attention_mask, labels, self.embed(input_ids, features)
 
     def _forward_llm(self, input_ids, attention_mask, features, labels, position_ids, return_logits) -> COMMOutput:
         input_ids, attention_mask, labels, embeds = self._inputs_embeds(input_ids, attention_mask, features, labels,
@@ -245,44 +264,41 @@ class COMMForCausalLM(nn.Module):
 
         out = COMMOutput()
         if labels is not None:
-            labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
-            if position_ids is not None:  # a sample's first token is not predicted from the previous sample
-                labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-            target = labels[:, 1:]
-            valid = target != IGNORE_INDEX
-            out.num_label_tokens = int(valid.sum())
-            with _range("lm_loss"):
-                out.loss_sum = lm_loss(self.llm_kernels, hidden[:, :-1][valid], target[valid], self.llm.lm_head)
+            out.loss_sum, out.num_label_tokens = self._loss(hidden, input_ids, attention_mask, labels, position_ids)
             out.loss = out.loss_sum / max(out.num_label_tokens, 1)
         if return_logits:
             out.logits = self.llm.lm_head(hidden)
         return out
 
-    # -- generation -----------------------------------------------------------------------------------
-    def prompt_inputs(self, prompt: str | list[str], with_images: bool = True):
-        """Left-padded ``(input_ids, attention_mask)`` of the Vicuna-v1 prompt of a question or a list of
-        them; with images, a question without ``<image>`` gets one in front."""
-        if self.tokenizer is None:
-            raise ValueError("prompt: this model has no tokenizer; pass input_ids instead")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p if "<image>" in p or not with_images else "<image>\n" + p for p in prompts]
-        rows = [encode_prompt(self.tokenizer, p, self.num_image_tokens) for p in prompts]
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        return input_ids, attention_mask
+    def _loss(self, hidden, input_ids, attention_mask, labels, position_ids):
+        """(summed cross-entropy, label tokens) of next-token prediction; image tokens, padding and the first
+        token of each packed sample are not targets."""
+        labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+        if position_ids is not None:  # a sample's first token is not predicted from the previous sample
+            labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        target = labels[:, 1:]
+        valid = target != IGNORE_INDEX
+        with _range("lm_loss"):
+            loss_sum = lm_loss(self.llm_kernels, hidden[:, :-1][valid], target[valid], self.llm.lm_head)
+        return loss_sum, int(valid.sum())
 
+    # -- 5. generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  pixel_values=None, images=None, prompt: str | list[str] | None = None,
-                 max_new_tokens: int = 64, do_sample: bool = False, **generate_kwargs):
-        """Greedy (or sampled) decoding with the KV cache.
+                 max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 generation_config: GenerationConfig | None = None, streamer=None, **generate_kwargs):
+        """Decoding with the KV cache, by transformers' ``generate`` on the embeddings (visual tokens written in).
 
         With ``prompt`` (a question, or a list of them, one image each), the Vicuna-v1 prompt is built,
-        and decoded strings are returned; with ``input_ids`` (left-padded), the new token ids are.
+        and decoded strings are returned; with ``input_ids`` (left-padded), the new token ids are (or, with
+        ``return_dict_in_generate=True``, transformers' output, its ``sequences`` the new tokens).
+        ``generation_config`` (default ``self.generation_config``: greedy, 64 new tokens) picks greedy,
+        sampling or beam search; keyword arguments (``max_new_tokens``, ``do_sample``, ``num_beams``,
+        ``temperature``, ...) override its fields. ``streamer`` (e.g. ``transformers.TextStreamer(model.processor)``)
+        receives the new tokens as they are made. The image token is never generated.
         """
         strings = prompt is not None
         if strings:
@@ -298,95 +314,61 @@ class COMMForCausalLM(nn.Module):
             images = [images]
         features = self.image_features(pixel_values, images)
         input_ids, attention_mask, _, embeds = self._inputs_embeds(input_ids, attention_mask, features)
-        eos = self.config.text.get("eos_token_id")
-        pad = self.config.text.get("pad_token_id")
+
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        defaults = self.default_generation_config(self.config)
+        for name in ("eos_token_id", "pad_token_id"):  # a bare GenerationConfig() still stops at </s>
+            if getattr(config, name) is None:
+                setattr(config, name, getattr(defaults, name))
+        if config.max_new_tokens is None and "max_length" not in generate_kwargs:
+            config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         # the image placeholder is never an answer: emitted, it would stand for an image nobody gave
-        suppress = list(generate_kwargs.pop("suppress_tokens", None) or [])
-        if self.config.image_token_id < self.config.text["vocab_size"]:
+        suppress = list(generate_kwargs.pop("suppress_tokens", None) or config.suppress_tokens or [])
+        if self.config.image_token_id < self.config.text["vocab_size"] and self.config.image_token_id not in suppress:
             suppress.append(self.config.image_token_id)
-        new = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, eos_token_id=eos, pad_token_id=pad if pad is not None else eos,
-                                suppress_tokens=suppress or None, use_cache=True, **generate_kwargs)
+        overrides = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("do_sample", do_sample)) if v is not None}
+        rest = config.update(**overrides, **generate_kwargs, suppress_tokens=suppress or None, use_cache=True)
+        new = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config,
+                                streamer=streamer, **rest)
         if not strings:
             return new
-        texts = [self.tokenizer.decode([t for t in row.tolist() if t != eos and t != pad]).strip() for row in new]
+        eos, pad = config.eos_token_id, config.pad_token_id
+        stop = set(eos if isinstance(eos, list) else [eos]) | {pad}
+        texts = [self.tokenizer.decode([t for t in row.tolist() if t not in stop]).strip() for row in new]
         return texts[0] if isinstance(prompt, str) else texts
 
-    # -- loading and saving ---------------------------------------------------------------------------
-    def save_pretrained(self, directory, state_dict: dict | None = None) -> None:
-        """config.json + model.safetensors (+ tokenizer), written to a temporary directory and renamed.
+    # -- saving and loading (comm_fast.models.assembly) -------------------------------------------------------
+    def save_pretrained(self, save_directory, state_dict: dict | None = None, **kwargs) -> None:
+        """The Hugging Face layout (config.json with model_type "comm", generation_config.json, safetensors,
+        sharded with an index past ``max_shard_size``) and the tokenizer and processor files, written to a
+        temporary directory and renamed over ``save_directory``.
 
         ``state_dict``: the full weights when they are gathered elsewhere (FSDP)."""
-        from comm_fast._io import atomic_directory, save_safetensors
+        from comm_fast.models import assembly
 
-        with atomic_directory(directory) as tmp:
-            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.config.to_dict(), f, indent=2)
-            sd = dict(self.state_dict() if state_dict is None else state_dict)
-            if self.config.text.get("tie_word_embeddings"):
-                sd.pop("llm.lm_head.weight", None)  # shares storage with the embedding
-            save_safetensors(sd, os.path.join(tmp, WEIGHTS_NAME))
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp)
+        assembly.save(self, save_directory, state_dict, super().save_pretrained, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: torch.dtype | None = None) -> "COMMForCausalLM":
-        from comm_fast.data.tokenizer import load_tokenizer
-        from comm_fast.models import loading
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, dtype: torch.dtype | None = None,
+                        **kwargs) -> "COMMForCausalLM":
+        """A saved model directory (the Hugging Face layout, or the earlier config_type comm_causal_lm one) with
+        its tokenizer; ``dtype`` None is float32. Missing, unexpected or misshapen weights are an error."""
+        from comm_fast.models import assembly
 
-        directory = os.fspath(directory)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"model: no such directory: {directory}")
-        data = loading.read_json(os.path.join(directory, "config.json"))
-        if data.get("config_type") != CONFIG_TYPE:
-            raise ValueError(f"{directory}/config.json: not a saved COMMForCausalLM (config_type "
-                             f"{data.get('config_type')!r}, expected {CONFIG_TYPE!r})")
-        config = COMMConfig.from_dict(data)
-        weights = os.path.join(directory, WEIGHTS_NAME)
-        sd = loading._load_file(weights)
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device="cpu")
-        if config.text.get("tie_word_embeddings") and "llm.lm_head.weight" not in sd:
-            sd["llm.lm_head.weight"] = sd["llm.model.embed_tokens.weight"]
-        loading.load_strict(model, sd, weights)
-        model.llm.tie_weights() if config.text.get("tie_word_embeddings") else None
-        model._reset_buffers()
-        model.tokenizer = load_tokenizer(directory, config.image_token_id)
-        return model.to(dtype) if dtype is not None else model
-
-    def _reset_buffers(self) -> None:
-        """Non-persistent buffers (rotary inv_freq) are not in the state dict: recompute them after to_empty."""
-        rotary = self.llm.model.rotary_emb
-        self.llm.model.rotary_emb = type(rotary)(self.llm.config).to(self.llm.get_input_embeddings().weight.device)
+        return assembly.load(cls, pretrained_model_name_or_path, dtype, super().from_pretrained, *model_args, **kwargs)
 
     @classmethod
     def from_components(cls, llm_path, clip_path, dino_path, image_token_id: int | None = None,
                         max_length: int = 2048, **vision_overrides) -> "COMMForCausalLM":
         """A Llama/Vicuna checkpoint + a CLIP + a DINOv2 checkpoint (local directories); new merge heads."""
-        from transformers import LlamaForCausalLM
+        from comm_fast.models import assembly
 
-        from comm_fast.data.tokenizer import load_tokenizer
-        from comm_fast.tower import COMMVisionTower
-
-        llm = LlamaForCausalLM.from_pretrained(os.fspath(llm_path), local_files_only=True,
-                                               attn_implementation=attention_implementation(), dtype=torch.float32)
-        tokenizer = load_tokenizer(llm_path, image_token_id)
-        if image_token_id is None:
-            image_token_id = tokenizer.image_token_id if tokenizer is not None else llm.config.vocab_size
-        vision_overrides.setdefault("out_dim", llm.config.hidden_size)
-        tower = COMMVisionTower.from_pretrained(clip_path, dino_path, **vision_overrides)
-        return cls.assemble(tower, llm, image_token_id, tokenizer, max_length)
+        return assembly.from_components(cls, llm_path, clip_path, dino_path, image_token_id, max_length,
+                                        **vision_overrides)
 
     @classmethod
     def assemble(cls, tower, llm, image_token_id: int, tokenizer=None, max_length: int = 2048) -> "COMMForCausalLM":
         """Wrap an existing tower and LlamaForCausalLM without copying weights."""
-        text = llm.config.to_dict()
-        text = {k: v for k, v in text.items() if k not in ("architectures", "transformers_version", "_name_or_path",
-                                                            "dtype", "torch_dtype", "model_type")}
-        config = COMMConfig(copy.deepcopy(tower.config), text, image_token_id, max_length)
-        with torch.device("meta"):
-            model = cls(config)
-        model.vision, model.llm, model.tokenizer = tower, llm, tokenizer
-        model.freeze_encoders()
-        return model
+        from comm_fast.models import assembly
+
+        return assembly.assemble(cls, tower, llm, image_token_id, tokenizer, max_length)
