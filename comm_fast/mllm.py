@@ -62,6 +62,7 @@ class COMMForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "comm"  # no state-dict key starts with it: transformers renames none when loading
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    accepts_loss_kwargs = True  # transformers.Trainer passes num_items_in_batch: exact gradient accumulation
 
     def __init__(self, config: COMMConfig, tokenizer=None):
         super().__init__(config)
@@ -218,13 +219,15 @@ class COMMForCausalLM(PreTrainedModel, GenerationMixin):
     # -- 3. the LLM, 4. the loss ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None,
                 images=None, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_logits: bool = True) -> COMMOutput:
+                return_logits: bool = True, num_items_in_batch: int | torch.Tensor | None = None) -> COMMOutput:
         """Loss (mean over label tokens) and logits.
 
         ``labels`` are aligned with ``input_ids`` (shifted here); -100 is ignored, and image tokens and
         the first token of every packed sample are never targets. ``position_ids`` with no
         ``attention_mask`` marks packed rows. ``return_logits=False`` projects only the label positions
-        through the LM head (what training needs).
+        through the LM head (what training needs). ``num_items_in_batch`` (transformers.Trainer passes the
+        label tokens of all its accumulated micro-batches) divides the summed loss instead of this batch's
+        count, so that accumulation gives the global token mean, as comm-fast train does.
         """
         with _range("vision"):
             features = self.image_features(pixel_values, images)
@@ -237,6 +240,8 @@ class COMMForCausalLM(PreTrainedModel, GenerationMixin):
             if unused:
                 out.loss_sum = out.loss_sum + 0.0 * torch.stack(unused).sum()
                 out.loss = out.loss_sum / max(out.num_label_tokens, 1)
+        if num_items_in_batch is not None and out.loss_sum is not None:
+            out.loss = out.loss_sum / num_items_in_batch
         return out
 
     def _forward_llm(self, input_ids, attention_mask, features, labels, position_ids, return_logits) -> COMMOutput:

@@ -103,3 +103,25 @@ def test_the_collator_takes_mappings_and_raw_images_and_refuses_bad_input(model,
         COMMDataCollator.for_model(model)([{"input_ids": [1, 2], "labels": [1]}])
     with pytest.raises(TypeError, match="pad_id: expected the tokenizer's padding id"):
         COMMDataCollator("0", model.config.vision)
+
+
+def test_trainer_accumulation_gives_the_global_token_mean(model, dataset, tmp_path):
+    """Two accumulated micro-batches of 2: Trainer passes their joint label count (num_items_in_batch) and the
+    summed gradient is the one of the 4-sample batch's token mean, not a mean of the two micro-batch means."""
+    collator = COMMDataCollator.for_model(model)
+    idx = [0, 3, 5, 6]
+    micro = [collator([dataset[i] for i in idx[:2]]), collator([dataset[i] for i in idx[2:]])]
+    total = sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro)  # how Trainer counts them
+    ref = copy.deepcopy(model)
+    out = ref(**collator([dataset[i] for i in idx]))
+    assert out.num_label_tokens == total
+    out.loss.backward()
+    trainer = make_trainer(model, dataset, collator, tmp_path, gradient_accumulation_steps=2)
+    counts = [int((b["labels"][..., 1:] != -100).sum()) for b in micro]
+    assert counts[0] != counts[1]  # else a mean of means would pass too
+    model.zero_grad()
+    for b in micro:
+        trainer.training_step(trainer.model, b, torch.tensor(total))
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
