@@ -59,14 +59,19 @@ def _llama(tok, vocab, hidden, layers, heads, kv_heads, inter, max_pos, rms_norm
                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
 
 
-def _tiny(tok, **overrides):
+def _tiny(tok, image_size=56, max_length=512, **overrides):
     from comm_fast.mllm import COMMConfig
 
-    vision = COMMVisionConfig(clip=_clip(64, 3, 4, 128, 56), dino=_dino(64, 3, 4, 128, 56),
+    vision = COMMVisionConfig(clip=_clip(64, 3, 4, 128, image_size), dino=_dino(64, 3, 4, 128, image_size),
                               clip_layers=(1, 2, 3), dino_layers=(2, 3), mlp_ratio=2, out_dim=128,
-                              clip_image_size=56, dino_image_size=56, **overrides)
+                              clip_image_size=image_size, dino_image_size=image_size, **overrides)
     text = _llama(tok, tok.vocab_size, 128, 4, 4, 4, 344, 1024)
-    return COMMConfig(vision, text, tok.image_token_id, max_length=512)
+    return COMMConfig(vision, text, tok.image_token_id, max_length=max_length)
+
+
+def _grounding(tok, **overrides):
+    """tiny's model at 112 px: an 8x8 grid of visual tokens, for boxes finer than a quarter of the image."""
+    return _tiny(tok, image_size=112, max_length=1024, **overrides)
 
 
 def _1b(tok, **overrides):
@@ -91,6 +96,7 @@ def _comm_7b(tok, **overrides):
 # gain little from a second thread and lose badly when cores are shared
 PRESETS = {p.name: p for p in (
     Preset("tiny", _tiny, "bytes", lr=(2e-3, 2e-3), cpu_threads=1),
+    Preset("grounding", _grounding, "bytes", lr=(2e-3, 2e-3), cpu_threads=2),
     Preset("1b", _1b, "llama"),
     Preset("comm-7b", _comm_7b, "llama", profile_batch=4),
 )}
