@@ -135,9 +135,99 @@ def train_and_eval(name: str, work: str, train: str, val: str, *, preset: str, s
     return {"name": name, "preset": preset, "vision": {k: list(v) if isinstance(v, tuple) else v
                                                         for k, v in vision.items()},
             "steps": steps, "batch_size": batch, "lr": lr, "threads": threads,
-            "train_command": "comm-fast " + " ".join(map(str, args)),
+            "train_command": "comm-fast " + " ".join(map(str, args)).replace(work, "WORK"),  # WORK: --work
             **timed,
             "loss_first": losses[0]["loss"], "loss_last": losses[-1]["loss"], "final": curve[-1], "curve": curve}
+
+
+# -- the probe: is the box in the visual tokens at all? -------------------------------------------------
+def probe(name: str, work: str, train: str, val: str, *, preset: str, vision: dict, steps: int, batch: int,
+          threads: int, seed: int, lr: float = 1e-3) -> dict:
+    """A diagnostic apart from the LLM: the tower of a variant (encoders random and frozen, its merge heads
+    and projector trained) read by a small learned cross-attention readout (the question's colour and shape
+    as the query, learned positions on the visual tokens, two attention blocks, sigmoid box), trained with
+    an L1 loss on the REC boxes of the train images and scored on the val split with eval's IoU. If it
+    finds the boxes, the spatial information survives the tower at this grid and the limit lies in the LLM."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    from comm_fast import ops, presets
+    from comm_fast.data.boxes import box_iou, box_to_square
+    from comm_fast.data.dataset import load_images
+    from comm_fast.data.synthetic import COLORS, SHAPES
+    from comm_fast.eval.rec import THRESHOLD
+    from comm_fast.tower import COMMVisionTower
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cfg = presets.get(preset).config(**vision).vision
+    tower = COMMVisionTower(cfg)
+    for p in (*tower.clip.parameters(), *tower.dino.parameters()):
+        p.requires_grad_(False)
+    names = [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+    def read(split_dir):
+        with open(os.path.join(split_dir, "rec.jsonl"), encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        paths = sorted({r["img_path"] for r in recs})
+        images = load_images([os.path.join(split_dir, p) for p in paths])
+        index = {p: k for k, p in enumerate(paths)}
+        return (images, [index[r["img_path"]] for r in recs],
+                torch.tensor([names.index(r["expression"][len("the "):]) for r in recs]),
+                torch.tensor([box_to_square(r["bbox"], r["width"], r["height"]) for r in recs], dtype=torch.float32))
+
+    class Readout(nn.Module):
+        def __init__(self, dim: int, tokens: int):
+            super().__init__()
+            self.query = nn.Embedding(len(names), dim)
+            self.pos = nn.Parameter(0.02 * torch.randn(tokens, dim))
+            self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
+            self.attn = nn.ModuleList(nn.MultiheadAttention(dim, 4, batch_first=True) for _ in range(2))
+            self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+                                     for _ in range(2))
+            self.head = nn.Linear(dim, 4)
+
+        def forward(self, visual, ids):
+            v = visual + self.pos
+            q = self.query(ids)[:, None]
+            for k in range(2):
+                q = q + self.attn[k](self.norms[2 * k](q), v, v, need_weights=False)[0]
+                q = q + self.mlp[k](self.norms[2 * k + 1](q))
+            return torch.sigmoid(self.head(q[:, 0]))
+
+    def boxes(images, img_idx, ids, _targets, rows):
+        batch_images = [images[img_idx[r]] for r in rows]
+        clip_px, dino_px = ops.joint_preprocess(batch_images, cfg.clip_image_size, cfg.dino_image_size,
+                                                aspect=cfg.aspect)
+        return readout(tower(clip_px, dino_px), ids[rows])
+
+    tr, va = read(train), read(val)
+    readout = Readout(cfg.out_dim, tower.num_tokens)
+    params = [p for p in (*tower.parameters(), *readout.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    rng = np.random.default_rng(seed)
+    load_before, t0 = os.getloadavg(), time.perf_counter()
+    for _ in range(steps):
+        rows = rng.integers(0, len(tr[1]), batch).tolist()
+        loss = (boxes(*tr, rows) - tr[3][rows]).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    wall = time.perf_counter() - t0
+    with torch.no_grad():
+        pred = torch.cat([boxes(*va, list(range(k, min(k + 64, len(va[1]))))) for k in range(0, len(va[1]), 64)])
+    ious = [box_iou(p.tolist(), t.tolist()) if p[0] < p[2] and p[1] < p[3] else 0.0 for p, t in zip(pred, va[3])]
+    out = {"name": name, "preset": preset, "vision": {k: list(v) for k, v in vision.items()}, "steps": steps,
+           "batch_size": batch, "train_wall_s": wall, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+           "loss_last": loss.item(), "acc@0.5": sum(i >= THRESHOLD for i in ious) / len(ious),
+           "mean_iou": sum(ious) / len(ious), "n": len(ious), "tokens": tower.num_tokens}
+    print(f"  probe {name}: Acc@0.5 {out['acc@0.5']:.3f} mIoU {out['mean_iou']:.3f} ({wall:.0f} s)", flush=True)
+    return out
 
 
 def chance(train: str, val: str, out: str) -> dict:
@@ -189,7 +279,7 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, a few steps, results under --work")
-    p.add_argument("--only", choices=("recipe", "ablation", "chance"), action="append",
+    p.add_argument("--only", choices=("recipe", "ablation", "chance", "probe"), action="append",
                    help="what to run (repeatable; default all)")
     p.add_argument("--preset", default="grounding")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
@@ -201,6 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--curve-limit", type=int, default=200, help="val items scored at the curve's earlier points")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-steps", type=int, default=1500)
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "grounding"))
     p.add_argument("--name", default=None, help="tag of this run's variant directories (default: the preset)")
     p.add_argument("--results", default=RESULTS, help="where the dated json and png go")
@@ -211,7 +302,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.n_train, args.n_val, args.curve_limit = 16, 4, None
         args.work = os.path.join(args.work, "quick")
-    only = set(args.only or ("recipe", "ablation", "chance"))
+    only = set(args.only or ("recipe", "ablation", "chance", "probe"))
     os.makedirs(args.work, exist_ok=True)
     train, val = make_data(args.work, args.n_train, args.n_val, args.seed)
     date = datetime.datetime.now(datetime.timezone.utc)
@@ -233,7 +324,15 @@ def main(argv=None) -> int:
         for name, vision in ABLATION.items():
             results["runs"].append(train_and_eval(f"{args.preset}-{name}", args.work, train, val, preset=args.preset,
                                                   vision=vision, **common))
+    if "probe" in only:
+        ps = 4 if args.quick else args.probe_steps
+        results["probe"] = [probe(f"{args.preset}-{name}", args.work, train, val, preset=args.preset, vision=vision,
+                                  steps=ps, batch=32, threads=args.threads, seed=args.seed)
+                            for name, vision in ABLATION.items()]
+        results["probe"].append(probe("tiny-comm (56 px, 4x4)", args.work, train, val, preset="tiny", vision={},
+                                      steps=ps, batch=32, threads=args.threads, seed=args.seed))
     out_dir = args.work if args.quick else args.results
+    os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"grounding-{date:%Y-%m-%d-%H%M}")
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
