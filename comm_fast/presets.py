@@ -1,11 +1,13 @@
 """Model presets for random init: each one's shape, its tokenizer (whose special ids the shape uses), and
 the training defaults that go with it.
 
-    tiny     byte tokenizer (260 ids), 56 px images -> 4x4 = 16 visual tokens; a training step in ~0.1-0.3 s
-    1b       GPU profiling: CLIP ViT-L/14-336 + DINOv2 ViT-L/14 at 336 (576 tokens) + a ~1.1B LLaMA (TinyLlama
-             shape), LLaMA's special ids (the byte tokenizer's "llama" layout)
-    comm-7b  the paper's model: Vicuna-7B, CLIP ViT-L/14-336 (layers 1-24), DINOv2 ViT-L/14 (layers 19-24) at
-             336, Vicuna's special ids (<unk>/pad 0, <s> 1, </s> 2, <image> 32000)
+    tiny       byte tokenizer (260 ids), 56 px images -> 4x4 = 16 visual tokens; a training step in ~0.1-0.3 s
+    grounding  tiny's model at 112 px -> 8x8 = 64 visual tokens, sequences up to 1,024 tokens (grounding
+               dialogues asking every object's box); benchmarks/grounding.py trains and scores it
+    1b         GPU profiling: CLIP ViT-L/14-336 + DINOv2 ViT-L/14 at 336 (576 tokens) + a ~1.1B LLaMA (TinyLlama
+               shape), LLaMA's special ids (the byte tokenizer's "llama" layout)
+    comm-7b    the paper's model: Vicuna-7B, CLIP ViT-L/14-336 (layers 1-24), DINOv2 ViT-L/14 (layers 19-24) at
+               336, Vicuna's special ids (<unk>/pad 0, <s> 1, </s> 2, <image> 32000)
 
 A model of a preset is ``COMMForCausalLM(preset.config(), preset.tokenizer())``; ``check_tokenizer`` says
 when a tokenizer and a config disagree on an id (which would train, or fail, on the wrong tokens).
@@ -59,14 +61,19 @@ def _llama(tok, vocab, hidden, layers, heads, kv_heads, inter, max_pos, rms_norm
                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
 
 
-def _tiny(tok, **overrides):
+def _tiny(tok, image_size=56, max_length=512, **overrides):
     from comm_fast.mllm import COMMConfig
 
-    vision = COMMVisionConfig(clip=_clip(64, 3, 4, 128, 56), dino=_dino(64, 3, 4, 128, 56),
-                              clip_layers=(1, 2, 3), dino_layers=(2, 3), mlp_ratio=2, out_dim=128,
-                              clip_image_size=56, dino_image_size=56, **overrides)
+    vision = COMMVisionConfig(**{**dict(clip=_clip(64, 3, 4, 128, image_size), dino=_dino(64, 3, 4, 128, image_size),
+                                        clip_layers=(1, 2, 3), dino_layers=(2, 3), mlp_ratio=2, out_dim=128,
+                                        clip_image_size=image_size, dino_image_size=image_size), **overrides})
     text = _llama(tok, tok.vocab_size, 128, 4, 4, 4, 344, 1024)
-    return COMMConfig(vision, text, tok.image_token_id, max_length=512)
+    return COMMConfig(vision, text, tok.image_token_id, max_length=max_length)
+
+
+def _grounding(tok, **overrides):
+    """tiny's model at 112 px: an 8x8 grid of visual tokens, for boxes finer than a quarter of the image."""
+    return _tiny(tok, image_size=112, max_length=1024, **overrides)
 
 
 def _1b(tok, **overrides):
@@ -91,6 +98,7 @@ def _comm_7b(tok, **overrides):
 # gain little from a second thread and lose badly when cores are shared
 PRESETS = {p.name: p for p in (
     Preset("tiny", _tiny, "bytes", lr=(2e-3, 2e-3), cpu_threads=1),
+    Preset("grounding", _grounding, "bytes", lr=(2e-3, 2e-3), cpu_threads=2),
     Preset("1b", _1b, "llama"),
     Preset("comm-7b", _comm_7b, "llama", profile_batch=4),
 )}

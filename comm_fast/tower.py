@@ -134,14 +134,21 @@ class COMMVisionTower(nn.Module):
         self.dino = DINOv2Encoder(self._encoder_config(config.dino, config.dino_pos_interp))
         for name, enc, layers in (("clip_layers", self.clip, config.clip_layers),
                                   ("dino_layers", self.dino, config.dino_layers)):
-            if max(layers) > enc.config.num_layers:
+            if layers and max(layers) > enc.config.num_layers:
                 raise ValueError(f"{name}: index {max(layers)} past the encoder's {enc.config.num_layers} blocks")
+        # a branch turned off (its layers empty) has no heads; its encoder stays, frozen and never run, so
+        # the model's layout (and the token grid, CLIP's) is the same whichever branches are merged
         dc, dd = self.clip.config.hidden_size, self.dino.config.hidden_size
         kw = dict(per_layer_linear=config.per_layer_linear, layer_weights=config.layer_weights, eps=config.ln_eps)
-        self.clip_merge = MultiLevelMerge(len(config.clip_layers), dc, dc, **kw)
-        self.dino_merge = MultiLevelMerge(len(config.dino_layers), dd, dd, **kw)
-        self.dino_mlp = DinoMLP(dd, config.mlp_ratio * dc, dc, config.mlp_activation)
-        self.projector = nn.Linear((2 if config.combine == "concat" else 1) * dc, config.out_dim)
+        branches = config.branches
+        if "clip" in branches:
+            self.clip_merge = MultiLevelMerge(len(config.clip_layers), dc, dc, **kw)
+        if "dino" in branches:
+            self.dino_merge = MultiLevelMerge(len(config.dino_layers), dd, dd, **kw)
+            self.dino_mlp = DinoMLP(dd, config.mlp_ratio * dc, dc, config.mlp_activation)
+        self.projector = nn.Linear((2 if config.combine == "concat" and len(branches) == 2 else 1) * dc,
+                                   config.out_dim)
+        self.HEADS = tuple(n for n in COMMVisionTower.HEADS if hasattr(self, n))  # the heads this tower has
 
     @torch.no_grad()
     def reset_heads(self) -> None:
@@ -174,7 +181,7 @@ class COMMVisionTower(nn.Module):
         with torch.device("meta"):  # the encoders come loaded; only the merge heads are allocated
             tower = cls(config)
         tower.clip, tower.dino = clip, dino
-        for name in cls.HEADS:
+        for name in tower.HEADS:
             getattr(tower, name).to_empty(device="cpu")
         tower.reset_heads()
         return tower
@@ -268,11 +275,18 @@ class COMMVisionTower(nn.Module):
             raise ValueError(f"dino_pixels: batch {dino_pixels.shape[0]} differs from clip_pixels' "
                              f"{clip_pixels.shape[0]}")
         cfg = self.config
-        v1 = self._merged(self.clip, self.clip_merge, clip_pixels, cfg.clip_layers)
-        v2 = self._merged(self.dino, self.dino_merge, dino_pixels, cfg.dino_layers)
-        if dino_grid != clip_grid:
-            v2 = ops.resample_tokens(v2, dino_grid, clip_grid, mode=cfg.grid_resample)
-        m = self.dino_mlp(v2)
+        branches = cfg.branches
+        if "clip" in branches:
+            v1 = self._merged(self.clip, self.clip_merge, clip_pixels, cfg.clip_layers)
+        if "dino" in branches:
+            v2 = self._merged(self.dino, self.dino_merge, dino_pixels, cfg.dino_layers)
+            if dino_grid != clip_grid:
+                v2 = ops.resample_tokens(v2, dino_grid, clip_grid, mode=cfg.grid_resample)
+            m = self.dino_mlp(v2)
+        if branches == ("clip",):
+            return self.projector(v1)
+        if branches == ("dino",):
+            return self.projector(m)
         if cfg.combine == "add":
             return self.projector(v1 + m)
         # P([v1; m]) = v1·P_aᵀ + m·P_bᵀ + b: both GEMMs accumulate into one output, no concat
@@ -285,9 +299,9 @@ class COMMVisionTower(nn.Module):
         return out.reshape(*lead, -1)
 
     def encode(self, images, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Visual tokens straight from uint8 images (joint preprocessing included)."""
+        """Visual tokens straight from uint8 images (joint preprocessing included, squared by config.aspect)."""
         clip_pixels, dino_pixels = ops.joint_preprocess(images, self.config.clip_image_size,
-                                                        self.config.dino_image_size)
+                                                        self.config.dino_image_size, aspect=self.config.aspect)
         param = self.projector.weight
         dtype = dtype or param.dtype
         return self(clip_pixels.to(param.device, dtype), dino_pixels.to(param.device, dtype))

@@ -1,6 +1,7 @@
 """COMMVisionTower against the reference composition on transformers' models; save/load round trip."""
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -357,3 +358,97 @@ def test_tower_forward_replays_in_a_cuda_graph_and_compiles_reduce_overhead(tmp_
         for _ in range(3):  # recorded on the second call, replayed after
             out = compiled(new_clip, new_dino)
         assert rel_err(out.float(), eager.float()) <= 2e-2
+
+
+# -- squaring images (config.aspect) and one encoder alone -------------------------------------------
+def test_aspect_default_validation_and_saved_configs():
+    from comm_fast import COMMConfig
+
+    assert COMMVisionConfig().aspect == "pad" and COMMVisionConfig.from_dict({}).aspect == "pad"
+    for aspect in ("pad", "crop"):
+        cfg = COMMVisionConfig(aspect=aspect)
+        assert COMMVisionConfig.from_dict(cfg.to_dict()).aspect == aspect
+    old = COMMVisionConfig().to_dict()
+    del old["aspect"]  # saved before the field existed: such a model was trained on center crops
+    assert COMMVisionConfig.from_dict(old).aspect == "crop"
+    assert COMMVisionConfig.from_dict(old, aspect="pad").aspect == "pad"
+    model = COMMConfig.preset("tiny").to_dict()
+    assert model["vision"]["aspect"] == "pad"
+    del model["vision"]["aspect"]
+    assert COMMConfig.from_dict(model).vision.aspect == "crop"
+    with pytest.raises(ValueError, match=r"aspect: expected one of \('crop', 'pad'\), got 'square'"):
+        COMMVisionConfig(aspect="square")
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_encode_squares_images_as_the_config_says(tmp_path, seed, aspect):
+    from comm_fast import ops
+
+    tower, _ = _build(tmp_path, aspect=aspect)
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (40, 90, 3), dtype=torch.uint8, generator=g),
+              torch.randint(0, 256, (70, 50, 3), dtype=torch.uint8, generator=g)]
+    with torch.no_grad():
+        got = tower.encode(images)
+        want = {a: tower(*ops.joint_preprocess(images, 56, 56, aspect=a)) for a in ("pad", "crop")}
+    torch.testing.assert_close(got, want[aspect], rtol=0, atol=0)
+    assert rel_err(want["pad"], want["crop"]) > 1e-2  # the two differ on non-square images
+
+
+def test_training_preprocess_squares_images_as_the_config_says(tmp_path, seed):
+    from PIL import Image
+
+    from comm_fast import ops
+    from comm_fast.data.dataset import load_images
+    from comm_fast.training.train import preprocess
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k, size in enumerate([(40, 90), (77, 77)]):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    for aspect in ("pad", "crop"):
+        cfg = COMMVisionConfig(clip_image_size=28, dino_image_size=42, aspect=aspect)
+        got = preprocess(paths, cfg)
+        want = ops.joint_preprocess(load_images(paths), 28, 42, aspect=aspect)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_one_encoder_alone(tmp_path, seed, monkeypatch):
+    """A tower of one branch: P_a·v1 + b (CLIP alone) and P_b·MLP(v2) (DINOv2 alone) add up to COMM's
+    P([v1; MLP(v2)]) + b with the same weights (COMM's own output is checked against the reference above);
+    the encoder of the branch that is off is never run, and its heads do not exist."""
+    both, _ = _build(tmp_path)
+    sd = both.state_dict()
+    dc = both.clip.config.hidden_size
+    towers = {}
+    for branch, layers in (("clip", dict(dino_layers=())), ("dino", dict(clip_layers=()))):
+        config = COMMVisionConfig.from_dict(both.config.to_dict(), **layers)
+        assert config.branches == (branch,)
+        tower = COMMVisionTower(config).eval()
+        own = {k: v for k, v in sd.items() if k in tower.state_dict()}
+        w = sd["projector.weight"]
+        own["projector.weight"] = w[:, :dc] if branch == "clip" else w[:, dc:]
+        own["projector.bias"] = sd["projector.bias"] if branch == "clip" else torch.zeros_like(sd["projector.bias"])
+        tower.load_state_dict(own, strict=True)
+        off = "dino" if branch == "clip" else "clip"
+        assert not any(k.startswith(f"{off}_") for k in tower.state_dict())
+        heads = ("clip_merge", "projector") if branch == "clip" else ("dino_merge", "dino_mlp", "projector")
+        assert tower.HEADS == heads
+        towers[branch] = tower
+    clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            expected = both(clip_px, dino_px)
+            parts = {}
+            for branch, tower in towers.items():
+                off = tower.dino if branch == "clip" else tower.clip
+                with monkeypatch.context() as m:
+                    for name in ("forward", "iter_hidden_states"):
+                        m.setattr(type(off), name, lambda *a, **k: pytest.fail("the branch that is off ran"))
+                    parts[branch] = tower(clip_px, dino_px)
+        assert parts["clip"].shape == expected.shape == (2, 16, 48)
+        assert rel_err(parts["clip"] + parts["dino"], expected) <= 1e-5
+    with pytest.raises(ValueError, match="clip_layers, dino_layers: both empty"):
+        COMMVisionConfig(clip_layers=(), dino_layers=())

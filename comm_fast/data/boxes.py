@@ -13,11 +13,19 @@ import re
 Box = tuple[float, float, float, float]
 
 
-def format_box(box, width: float = 1.0, height: float = 1.0) -> str:
-    """Shikra style: [x0,y0,x1,y1] normalised to 0-1, three decimals."""
-    x0, y0, x1, y1 = box
-    vals = (x0 / width, y0 / height, x1 / width, y1 / height)
-    return "[" + ",".join(f"{min(max(v, 0.0), 1.0):.3f}" for v in vals) + "]"
+# LLaVA-1.5's REC instruction (Prismatic's evaluation quotes the sentence: '... describes: "{expression}"')
+REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {expression}"
+DECIMALS = 3
+
+
+def format_box(box, width: float = 1.0, height: float = 1.0, decimals: int = DECIMALS) -> str:
+    """Shikra style: [x0,y0,x1,y1], a pixel box of a ``width`` x ``height`` image normalised to 0-1 in
+    that image padded to a square (box_to_square), ``decimals`` decimals (an already normalised box:
+    the default 1 x 1)."""
+    if not isinstance(decimals, int) or isinstance(decimals, bool) or decimals <= 0:
+        raise ValueError(f"decimals: expected a positive int, got {decimals!r}")
+    vals = box_to_square(box, width, height)
+    return "[" + ",".join(f"{min(max(v, 0.0), 1.0):.{decimals}f}" for v in vals) + "]"
 
 
 _BOX = re.compile(r"\[\s*(-?\d*\.?\d+)\s*,\s*(-?\d*\.?\d+)\s*,\s*(-?\d*\.?\d+)\s*,\s*(-?\d*\.?\d+)\s*\]")

@@ -9,12 +9,11 @@ are read as Prismatic's scorer reads them (``parse_box``).
 """
 from __future__ import annotations
 
-from comm_fast.data.boxes import box_from_square, box_iou, box_to_square, parse_box, parse_boxes
+from comm_fast.data.boxes import REC_PROMPT, box_from_square, box_iou, box_to_square, parse_box, parse_boxes
 from comm_fast.eval.records import Item, field, image_path, split_of, where
 
 NAME = "rec"
-# LLaVA-1.5's REC instruction (Prismatic's evaluation quotes the sentence: '... describes: "{expression}"')
-DEFAULT_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {expression}"
+DEFAULT_PROMPT = REC_PROMPT
 MAX_NEW_TOKENS = 48  # "[0.123,0.456,0.789,0.987]" is 25 bytes, fewer tokens with a BPE tokenizer
 SHIKRA = "img_path, expression, bbox [x0, y0, x1, y1] in pixels, height and width"
 THRESHOLD = 0.5

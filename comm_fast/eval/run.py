@@ -253,7 +253,7 @@ def evaluate(model, task: str, data, image_folder: str | None = None, batch_size
     if isinstance(model, (str, os.PathLike)):
         model_dir = os.fspath(model)
         model = load_model(model_dir, device)
-    aspect = getattr(model.config.vision, "aspect", "crop")
+    aspect = model.config.vision.aspect
     if task == "rec" and aspect != "pad" and any(w != h for w, h in sizes.values()):
         warnings.warn(f"the model's images are made square with aspect={aspect!r}, not 'pad': its boxes of non-square "
                       "images do not refer to the padded square the targets are normalised to", stacklevel=2)

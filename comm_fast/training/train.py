@@ -218,7 +218,8 @@ def preprocess(paths: list[str], vision_config):
 
     if not paths:
         return None
-    return ops.joint_preprocess(load_images(paths), vision_config.clip_image_size, vision_config.dino_image_size)
+    return ops.joint_preprocess(load_images(paths), vision_config.clip_image_size, vision_config.dino_image_size,
+                                aspect=vision_config.aspect)
 
 
 def _no_mark(name: str) -> None:

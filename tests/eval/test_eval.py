@@ -44,9 +44,10 @@ def test_cli_writes_predictions_and_metrics_and_rescores_them(model_dir, images,
         rc = main(["eval", "--model", model_dir, "--task", "rec", "--data", data, "--image-folder", folder,
                    "--batch-size", "2", "--out", str(out), "--max-new-tokens", "4", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
-    # two images are not square: a model that does not pad them is warned about
-    aspect = json.load(open(os.path.join(model_dir, "config.json")))["vision"].get("aspect", "crop")
-    assert any("not 'pad'" in str(w.message) for w in caught) == (aspect != "pad"), [str(w.message) for w in caught]
+    # the model pads (the default): no warning about its non-square images, and metrics say so
+    assert json.load(open(os.path.join(model_dir, "config.json")))["vision"]["aspect"] == "pad"
+    assert not any("not 'pad'" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert json.loads((out / "metrics.json").read_text())["image_aspect"] == "pad"
     rows = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["id"] for r in rows] == ["r0", "r1", "r2"]  # the annotation order
@@ -112,3 +113,22 @@ def test_on_cuda(model_dir, images, pope_file, tmp_path):
     batched, _ = answer(model, items, batch_size=4, max_new_tokens=2, yes_no=yes_no, progress=False)
     single, _ = answer(model, items, batch_size=1, max_new_tokens=2, yes_no=yes_no, progress=False)
     assert [r["p_yes"] for r in batched] == pytest.approx([r["p_yes"] for r in single], abs=1e-3)
+
+
+def test_a_model_saved_before_the_aspect_field_is_evaluated_as_cropping(model_dir, images, tmp_path, jsonl):
+    """A config.json without vision.aspect (saved before the field) loads as "crop", what such a model was
+    trained with; its boxes of non-square images are warned about and metrics.json records it."""
+    import shutil
+
+    folder, sizes = images
+    old = tmp_path / "old-model"
+    shutil.copytree(model_dir, old)
+    config = json.load(open(old / "config.json"))
+    del config["vision"]["aspect"]
+    (old / "config.json").write_text(json.dumps(config))
+    recs = [{"img_path": name, "expression": "the thing", "bbox": [2, 3, w - 1, h - 2], "height": h, "width": w}
+            for name, (w, h) in sorted(sizes.items())]
+    with pytest.warns(UserWarning, match="aspect='crop', not 'pad'"):
+        metrics = evaluate(str(old), "rec", jsonl(tmp_path / "rec.jsonl", recs), folder, max_new_tokens=2,
+                           progress=False)
+    assert metrics["image_aspect"] == "crop"

@@ -13,7 +13,7 @@ from comm_fast.mllm import COMMConfig
 
 # outside ground truth: parameter counts published for the decoders (Vicuna-7B = LLaMA-7B, TinyLlama-1.1B)
 LLM_PARAMS = {"comm-7b": 6_738_415_616, "1b": 1_100_048_384}
-IMAGE_TOKENS = {"tiny": 16, "1b": 576, "comm-7b": 576}
+IMAGE_TOKENS = {"tiny": 16, "grounding": 64, "1b": 576, "comm-7b": 576}
 
 
 @pytest.mark.parametrize("name", sorted(presets.PRESETS))
@@ -39,10 +39,24 @@ def test_a_tokenizer_with_other_ids_is_refused():
         presets.check_tokenizer(config, presets.get("tiny").tokenizer())
 
 
+@pytest.mark.parametrize("name", ["tiny", "grounding"])
+def test_small_presets_take_any_vision_override(name):
+    """The layers too (the ablation's one-encoder variants), and aspect; the grounding preset is tiny at 112 px."""
+    vision = presets.get(name).config(clip_layers=(3,), dino_layers=(), aspect="crop").vision
+    assert vision.branches == ("clip",) and vision.clip_layers == (3,) and vision.aspect == "crop"
+    assert presets.get(name).config().vision.aspect == "pad"
+    if name == "grounding":
+        tiny, grounding = presets.get("tiny").config(), presets.get(name).config()
+        assert grounding.vision.clip_image_size == grounding.vision.clip["image_size"] == 112
+        assert dataclasses.replace(grounding.vision, clip=tiny.vision.clip, dino=tiny.vision.dino, clip_image_size=56,
+                                   dino_image_size=56) == tiny.vision
+        assert grounding.text == tiny.text and grounding.max_length == 1024
+
+
 def _reduced(preset):
     """The preset at a size a CPU test affords: 6-block encoders of width 32 at 112 px (the last two DINOv2
     blocks merged, as the last quarter of 24), a 2-layer decoder of width 64; everything else kept."""
-    if preset.name == "tiny":
+    if preset.name in ("tiny", "grounding"):
         return preset
 
     def build(tok, **overrides):

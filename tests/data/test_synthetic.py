@@ -1,0 +1,178 @@
+"""The synthetic set's non-square images, boxes in the padded square, the held-out val split and the REC
+records that evaluation reads."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from comm_fast.cli import main as cli
+from comm_fast.data.boxes import parse_box, parse_boxes
+from comm_fast.data.synthetic import COLORS, RATIOS, make_synthetic
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def train_set(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("syn") / "train", N, seed=5)
+
+
+@pytest.fixture(scope="module")
+def val_set(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("syn") / "val", N, seed=5, split="val")
+
+
+def _rec(path):
+    with open(os.path.join(path, "rec.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _image(path, name):
+    from PIL import Image
+
+    return Image.open(os.path.join(path, name)).convert("RGB")
+
+
+def _expand2square(img):
+    """LLaVA-1.5's expand2square (PIL new + paste at the centred offset), black padding."""
+    from PIL import Image
+
+    side = max(img.size)
+    out = Image.new("RGB", (side, side), (0, 0, 0))
+    out.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return out
+
+
+def _centre(box, side):
+    """The pixel at the centre of a normalised box of a side x side image (inside circle, square and triangle)."""
+    x0, y0, x1, y1 = box
+    return min(side - 1, int((x0 + x1) / 2 * side)), min(side - 1, int((y0 + y1) / 2 * side))
+
+
+def test_images_are_square_or_within_the_aspect_ratios(train_set):
+    sizes = {r["img_path"]: (r["width"], r["height"]) for r in _rec(train_set)}
+    for name, (w, h) in sizes.items():
+        assert _image(train_set, name).size == (w, h)
+        assert max(w, h) == 128 and RATIOS[0] - 0.01 <= w / h <= RATIOS[1] + 0.01
+    square = sum(w == h for w, h in sizes.values())
+    assert 0 < square < len(sizes)  # both kinds (about half each)
+    only_square = make_synthetic(os.path.join(os.path.dirname(train_set), "sq"), 6, seed=5, nonsquare=0.0)
+    assert all(r["width"] == r["height"] == 128 for r in _rec(only_square))
+
+
+def test_rec_boxes_hold_their_objects(train_set):
+    """Each REC record's pixel box has the named object's colour at its centre, in the image itself."""
+    for r in _rec(train_set):
+        img = np.asarray(_image(train_set, r["img_path"])).astype(int)
+        x0, y0, x1, y1 = r["bbox"]
+        colour = r["expression"].split()[1]
+        assert np.abs(img[(y0 + y1) // 2, (x0 + x1) // 2] - COLORS[colour]).max() <= 1, r
+
+
+def test_box_answers_refer_to_the_padded_square(train_set):
+    """Every box in the finetune text, read in the image padded to a square by PIL, has an object's colour at
+    its centre; read in the unpadded image (x / width, y / height) it misses on some non-square image."""
+    records = json.load(open(os.path.join(train_set, "finetune.json")))
+    hit_padded, hit_plain, n_nonsquare = [], [], 0
+    for rec in records:
+        img = _image(train_set, rec["image"])
+        square = np.asarray(_expand2square(img)).astype(int)
+        plain = np.asarray(img).astype(int)
+        colours = np.array(list(COLORS.values()))
+        for turn in rec["conversations"]:
+            for box in parse_boxes(turn["value"]):
+                x, y = _centre(box, square.shape[0])
+                hit_padded.append(np.abs(colours - square[y, x]).max(axis=1).min() <= 1)
+                if img.width != img.height:
+                    n_nonsquare += 1
+                    xp = min(img.width - 1, int((box[0] + box[2]) / 2 * img.width))
+                    yp = min(img.height - 1, int((box[1] + box[3]) / 2 * img.height))
+                    hit_plain.append(np.abs(colours - plain[yp, xp]).max(axis=1).min() <= 1)
+    assert hit_padded and all(hit_padded)
+    assert n_nonsquare > 0 and not all(hit_plain)
+
+
+def test_center_crop_cuts_objects_and_padding_keeps_them(val_set):
+    """Through joint_preprocess at 112 px: with aspect='pad' every object's normalised box centre shows its
+    colour; with 'crop' some boxes of the non-square images point elsewhere (objects cut off or shifted)."""
+    from comm_fast import ops
+    from comm_fast.constants import CLIP_MEAN, CLIP_STD
+
+    recs = [r for r in _rec(val_set) if r["width"] != r["height"]]
+    assert recs
+    names = sorted({r["img_path"] for r in recs})
+    images = [np.asarray(_image(val_set, n)) for n in names]
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    found = {}
+    for aspect in ("pad", "crop"):
+        clip_px, _ = ops.joint_preprocess(images, 112, 112, aspect=aspect)
+        rgb = ((clip_px * std + mean) * 255).round()  # back to 0-255
+        found[aspect] = []
+        for r in recs:
+            from comm_fast.data.boxes import box_to_square
+
+            x, y = _centre(box_to_square(r["bbox"], r["width"], r["height"]), 112)
+            pixel = rgb[names.index(r["img_path"]), :, y, x].numpy()
+            found[aspect].append(np.abs(pixel - COLORS[r["expression"].split()[1]]).max() <= 12)
+    assert all(found["pad"])
+    assert sum(not f for f in found["crop"]) >= len(recs) // 4
+
+
+def _hashes(path):
+    return {hashlib.sha256(open(os.path.join(path, "images", n), "rb").read()).hexdigest()
+            for n in os.listdir(os.path.join(path, "images"))}
+
+
+def test_val_split_is_held_out(train_set, val_set, tmp_path):
+    assert sorted(os.listdir(val_set)) == ["images", "rec.jsonl"]
+    assert not _hashes(train_set) & _hashes(val_set)  # other images
+    train_recs, val_recs = _rec(train_set), _rec(val_set)
+    assert {r["split"] for r in val_recs} == {"val"} and {r["split"] for r in train_recs} == {"train"}
+    assert not {r["id"] for r in train_recs} & {r["id"] for r in val_recs}
+    # nor the train set of the seeds next to it, nor val sets of other seeds
+    others = [make_synthetic(tmp_path / f"t{s}", N, seed=s) for s in (4, 6)]
+    others.append(make_synthetic(tmp_path / "v6", N, seed=6, split="val"))
+    for o in others:
+        assert not _hashes(o) & _hashes(val_set)
+    # and the same command writes the same split
+    again = make_synthetic(tmp_path / "again", N, seed=5, split="val")
+    assert _hashes(again) == _hashes(val_set) and _rec(again) == val_recs
+
+
+def test_eval_reads_the_val_split(val_set):
+    from comm_fast.data.boxes import box_to_square
+    from comm_fast.eval.run import check_images, load_items
+
+    items, _ = load_items("rec", os.path.join(val_set, "rec.jsonl"))
+    recs = _rec(val_set)
+    assert len(items) == len(recs) and {it.split for it in items} == {"val"}
+    for it, r in zip(items, recs):
+        assert it.target == list(box_to_square(r["bbox"], r["width"], r["height"]))
+        assert it.prompt.endswith(": " + r["expression"])
+    good, bad, _ = check_images(items, skip_bad_images=False)
+    assert len(good) == len(items) and not bad
+
+
+def test_rec_mix_asks_every_object(tmp_path):
+    path = make_synthetic(tmp_path / "rec", 8, seed=1, mix="rec")
+    recs = _rec(path)
+    fin = json.load(open(os.path.join(path, "finetune.json")))
+    for rec in fin:
+        answers = [t["value"] for t in rec["conversations"][1::2]]
+        assert all(parse_box(a) is not None and len(a) == 25 for a in answers)
+        assert len(answers) == sum(r["img_path"] == rec["image"] for r in recs)
+
+
+def test_make_data_split_and_bad_arguments(tmp_path, capsys):
+    assert cli(["make-data", "synthetic", "--n", "3", "--split", "val", "--out", str(tmp_path / "v")]) == 0
+    assert "3 val images" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "v")) == ["images", "rec.jsonl"]
+    assert cli(["make-data", "synthetic", "--n", "3", "--nonsquare", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--nonsquare: expected a fraction in [0, 1], got 1.5" in capsys.readouterr().out
+    assert cli(["make-data", "synthetic", "--n", "3", "--max-objects", "4", "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit):
+        cli(["make-data", "synthetic", "--n", "3", "--split", "test", "--out", str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "x")
