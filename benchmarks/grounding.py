@@ -26,7 +26,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
-RECIPE_STEPS = 1000  # the recipe: `comm-fast train --preset grounding --steps RECIPE_STEPS` on the rec mix
+# the recipe: `comm-fast make-data synthetic --mix rec --box-decimals RECIPE_BOX_DECIMALS`, then
+# `comm-fast train --preset grounding --steps RECIPE_STEPS` on it
+RECIPE_STEPS = 1200
+RECIPE_BOX_DECIMALS = 2
 
 # the miniature ablation: which hidden states are merged (an empty tuple: that encoder is off)
 ABLATION = {
@@ -50,10 +53,12 @@ def _cli(*args, log=None) -> float:
     return time.perf_counter() - t0
 
 
-def make_data(work: str, n_train: int, n_val: int, seed: int) -> tuple[str, str]:
-    train, val = os.path.join(work, f"train-{n_train}-s{seed}"), os.path.join(work, f"val-{n_val}-s{seed}")
+def make_data(work: str, n_train: int, n_val: int, seed: int, decimals: int) -> tuple[str, str]:
+    train = os.path.join(work, f"train-{n_train}-s{seed}-d{decimals}")
+    val = os.path.join(work, f"val-{n_val}-s{seed}")
     if not os.path.isdir(train):
-        _cli("make-data", "synthetic", "--n", n_train, "--seed", seed, "--mix", "rec", "--out", train)
+        _cli("make-data", "synthetic", "--n", n_train, "--seed", seed, "--mix", "rec", "--box-decimals", decimals,
+             "--out", train)
     if not os.path.isdir(val):
         _cli("make-data", "synthetic", "--n", n_val, "--seed", seed, "--split", "val", "--out", val)
     return train, val
@@ -286,9 +291,10 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=None, help="checkpoint (curve point) every K steps")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the grounding preset's 1)")
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--box-decimals", type=int, default=RECIPE_BOX_DECIMALS, help="decimals of the training boxes")
     p.add_argument("--curve-limit", type=int, default=200, help="val items scored at the curve's earlier points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-steps", type=int, default=1500)
@@ -304,11 +310,12 @@ def main(argv=None) -> int:
         args.work = os.path.join(args.work, "quick")
     only = set(args.only or ("recipe", "ablation", "chance", "probe"))
     os.makedirs(args.work, exist_ok=True)
-    train, val = make_data(args.work, args.n_train, args.n_val, args.seed)
+    train, val = make_data(args.work, args.n_train, args.n_val, args.seed, args.box_decimals)
     date = datetime.datetime.now(datetime.timezone.utc)
     results = {"date": date.isoformat(timespec="seconds"), "machine": f"{os.cpu_count()}-core CPU",
                "platform": platform.platform(), "python": platform.python_version(),
-               "train_data": {"n_images": args.n_train, "mix": "rec", "seed": args.seed},
+               "train_data": {"n_images": args.n_train, "mix": "rec", "seed": args.seed,
+                              "box_decimals": args.box_decimals},
                "val_data": {"n_images": args.n_val, "split": "val", "seed": args.seed}, "runs": []}
     common = dict(steps=steps, every=every, batch=args.batch_size, lr=args.lr, threads=args.threads, seed=args.seed,
                   curve_limit=args.curve_limit)
