@@ -7,7 +7,9 @@ Each run writes the synthetic train set (``--mix rec``) and the held-out val spl
 builds the model of a variant (random weights, seed 0) and saves it, trains it with ``comm-fast train
 --model INIT`` (encoders frozen, as COMM trains), assembles a model from every checkpoint and scores it with
 ``comm-fast eval --task rec`` on the val split. The figures are what eval's metrics.json says, nothing
-else. The wall time of each training run and the load average around it (the machine may be shared) are
+else; beside them two diagnostics of the recipe's model (image_dependence: the teacher-forced val loss with
+each question's own image and with another's; position_r2: how linearly the visual tokens give their grid
+position). The wall time of each training run and the load average around it (the machine may be shared) are
 recorded. Results: benchmarks/results/grounding-DATE.json and grounding-DATE.png (``--quick``: a smoke run of
 a few steps, results under --work only).
 """
@@ -17,6 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -26,7 +29,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
-RECIPE_STEPS = 1000  # the recipe: `comm-fast train --preset grounding --steps RECIPE_STEPS` on the rec mix
+# the recipe: `comm-fast make-data synthetic --mix rec --box-decimals RECIPE_BOX_DECIMALS`, then
+# `comm-fast train --preset grounding --steps RECIPE_STEPS` on it
+RECIPE_STEPS = 1200
+RECIPE_BOX_DECIMALS = 2
 
 # the miniature ablation: which hidden states are merged (an empty tuple: that encoder is off)
 ABLATION = {
@@ -50,10 +56,12 @@ def _cli(*args, log=None) -> float:
     return time.perf_counter() - t0
 
 
-def make_data(work: str, n_train: int, n_val: int, seed: int) -> tuple[str, str]:
-    train, val = os.path.join(work, f"train-{n_train}-s{seed}"), os.path.join(work, f"val-{n_val}-s{seed}")
+def make_data(work: str, n_train: int, n_val: int, seed: int, decimals: int) -> tuple[str, str]:
+    train = os.path.join(work, f"train-{n_train}-s{seed}-d{decimals}")
+    val = os.path.join(work, f"val-{n_val}-s{seed}")
     if not os.path.isdir(train):
-        _cli("make-data", "synthetic", "--n", n_train, "--seed", seed, "--mix", "rec", "--out", train)
+        _cli("make-data", "synthetic", "--n", n_train, "--seed", seed, "--mix", "rec", "--box-decimals", decimals,
+             "--out", train)
     if not os.path.isdir(val):
         _cli("make-data", "synthetic", "--n", n_val, "--seed", seed, "--split", "val", "--out", val)
     return train, val
@@ -103,7 +111,7 @@ def evaluate(model: str, val: str, out: str, limit: int | None, log: str) -> dic
 
 def train_and_eval(name: str, work: str, train: str, val: str, *, preset: str, steps: int, every: int,
                    batch: int, lr: float | None, threads: int, seed: int, curve_limit: int | None,
-                   vision: dict) -> dict:
+                   vision: dict, decimals: int) -> dict:
     """Train one variant; its final val metrics, its learning curve and the run's wall time and load."""
     base = os.path.join(work, name)
     init, run = os.path.join(base, "init"), os.path.join(base, "run")
@@ -132,12 +140,78 @@ def train_and_eval(name: str, work: str, train: str, val: str, *, preset: str, s
         print(f"  {name} step {step}: Acc@0.5 {m['acc@0.5']:.3f} mIoU {m['mean_iou']:.3f} (n={m['n']})", flush=True)
     with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
         losses = [json.loads(line) for line in f if line.strip()]
+    last = os.path.join(base, f"model-{steps}")
+    diagnostics = {"image_dependence": image_dependence(last, val, decimals, threads),
+                   "position_r2_init": position_r2(init, val, threads)}
     return {"name": name, "preset": preset, "vision": {k: list(v) if isinstance(v, tuple) else v
-                                                        for k, v in vision.items()},
+                                                        for k, v in vision.items()}, "diagnostics": diagnostics,
             "steps": steps, "batch_size": batch, "lr": lr, "threads": threads,
             "train_command": "comm-fast " + " ".join(map(str, args)).replace(work, "WORK"),  # WORK: --work
             **timed,
             "loss_first": losses[0]["loss"], "loss_last": losses[-1]["loss"], "final": curve[-1], "curve": curve}
+
+
+# -- diagnostics of a trained model: does it read the image, do its visual tokens say where they are? -----
+def image_dependence(model_dir: str, val: str, decimals: int, threads: int, shift: int = 7) -> dict:
+    """Teacher-forced loss of the val answers (``decimals``-decimal boxes) with each question's own image and
+    with the image of the question ``shift`` places on (another image): equal losses mean the decoder
+    answers without reading the image."""
+    import torch
+
+    from comm_fast.data.boxes import REC_PROMPT, format_box
+    from comm_fast.data.dataset import load_images
+    from comm_fast.mllm import COMMForCausalLM
+
+    torch.set_num_threads(threads)
+    model = COMMForCausalLM.from_pretrained(model_dir).eval()
+    with open(os.path.join(val, "rec.jsonl"), encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    images = load_images([os.path.join(val, r["img_path"]) for r in recs])
+    convs = [[{"from": "human", "value": "<image>\n" + REC_PROMPT.format(expression=r["expression"])},
+              {"from": "gpt", "value": format_box(r["bbox"], r["width"], r["height"], decimals)}] for r in recs]
+
+    def loss(offset):
+        total, tokens = 0.0, 0
+        for k in range(0, len(recs), 32):
+            rows = range(k, min(k + 32, len(recs)))
+            batch = model.processor(conversations=[convs[i] for i in rows],
+                                    images=[images[(i + offset) % len(recs)] for i in rows])
+            with torch.no_grad():
+                out = model(**batch, return_logits=False)
+            n = int((batch["labels"] != -100).sum())
+            total, tokens = total + out.loss.item() * n, tokens + n
+        return total / tokens
+
+    return {"loss_own_image": loss(0), "loss_other_image": loss(shift), "n": len(recs)}
+
+
+def position_r2(model_dir: str, val: str, threads: int, n_images: int = 120) -> dict:
+    """R^2 of a least-squares linear map from the tower's visual tokens to their grid row and column, fitted
+    on two thirds of ``n_images`` val images and scored on the rest: ~1 when the tokens say where they are."""
+    import torch
+
+    from comm_fast.data.dataset import load_images
+    from comm_fast.mllm import COMMForCausalLM
+
+    torch.set_num_threads(threads)
+    model = COMMForCausalLM.from_pretrained(model_dir).eval()
+    with open(os.path.join(val, "rec.jsonl"), encoding="utf-8") as f:
+        paths = sorted({json.loads(line)["img_path"] for line in f if line.strip()})[:n_images]
+    images = load_images([os.path.join(val, p) for p in paths])
+    with torch.no_grad():
+        v = torch.cat([model.vision(*model.processor.pixel_values(images[k:k + 40]))
+                       for k in range(0, len(images), 40)])
+    n, t, d = v.shape
+    g = math.isqrt(t)
+    grid = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).reshape(t, 2)
+    x = torch.cat([v, torch.ones(n, t, 1)], -1).double()
+    y = grid.double().expand(n, t, 2)
+    fit = 2 * n // 3
+    w = torch.linalg.lstsq(x[:fit].reshape(-1, d + 1), y[:fit].reshape(-1, 2)).solution
+    err = x[fit:].reshape(-1, d + 1) @ w - y[fit:].reshape(-1, 2)
+    held = y[fit:].reshape(-1, 2)
+    r2 = 1 - (err ** 2).sum(0) / ((held - held.mean(0)) ** 2).sum(0)
+    return {"r2_row": r2[0].item(), "r2_col": r2[1].item(), "n_images": n}
 
 
 # -- the probe: is the box in the visual tokens at all? -------------------------------------------------
@@ -148,8 +222,6 @@ def probe(name: str, work: str, train: str, val: str, *, preset: str, vision: di
     as the query, learned positions on the visual tokens, two attention blocks, sigmoid box), trained with
     an L1 loss on the REC boxes of the train images and scored on the val split with eval's IoU. If it
     finds the boxes, the spatial information survives the tower at this grid and the limit lies in the LLM."""
-    import math
-
     import numpy as np
     import torch
     import torch.nn as nn
@@ -286,9 +358,10 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=None, help="checkpoint (curve point) every K steps")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the grounding preset's 1)")
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--box-decimals", type=int, default=RECIPE_BOX_DECIMALS, help="decimals of the training boxes")
     p.add_argument("--curve-limit", type=int, default=200, help="val items scored at the curve's earlier points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-steps", type=int, default=1500)
@@ -304,14 +377,15 @@ def main(argv=None) -> int:
         args.work = os.path.join(args.work, "quick")
     only = set(args.only or ("recipe", "ablation", "chance", "probe"))
     os.makedirs(args.work, exist_ok=True)
-    train, val = make_data(args.work, args.n_train, args.n_val, args.seed)
+    train, val = make_data(args.work, args.n_train, args.n_val, args.seed, args.box_decimals)
     date = datetime.datetime.now(datetime.timezone.utc)
     results = {"date": date.isoformat(timespec="seconds"), "machine": f"{os.cpu_count()}-core CPU",
                "platform": platform.platform(), "python": platform.python_version(),
-               "train_data": {"n_images": args.n_train, "mix": "rec", "seed": args.seed},
+               "train_data": {"n_images": args.n_train, "mix": "rec", "seed": args.seed,
+                              "box_decimals": args.box_decimals},
                "val_data": {"n_images": args.n_val, "split": "val", "seed": args.seed}, "runs": []}
     common = dict(steps=steps, every=every, batch=args.batch_size, lr=args.lr, threads=args.threads, seed=args.seed,
-                  curve_limit=args.curve_limit)
+                  curve_limit=args.curve_limit, decimals=args.box_decimals)
     if "chance" in only:
         results["chance"] = chance(train, val, os.path.join(args.work, "chance"))
         print(f"chance (the training set's mean box): Acc@0.5 {results['chance']['acc@0.5']:.3f} "

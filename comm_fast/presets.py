@@ -3,7 +3,8 @@ the training defaults that go with it.
 
     tiny       byte tokenizer (260 ids), 56 px images -> 4x4 = 16 visual tokens; a training step in ~0.1-0.3 s
     grounding  tiny's model at 112 px -> 8x8 = 64 visual tokens, sequences up to 1,024 tokens (grounding
-               dialogues asking every object's box); benchmarks/grounding.py trains and scores it
+               dialogues asking every object's box), no system prompt (Vicuna's 192 bytes would be ~45% of a
+               sequence); benchmarks/grounding.py trains and scores it
     1b         GPU profiling: CLIP ViT-L/14-336 + DINOv2 ViT-L/14 at 336 (576 tokens) + a ~1.1B LLaMA (TinyLlama
                shape), LLaMA's special ids (the byte tokenizer's "llama" layout)
     comm-7b    the paper's model: Vicuna-7B, CLIP ViT-L/14-336 (layers 1-24), DINOv2 ViT-L/14 (layers 19-24) at
@@ -34,9 +35,10 @@ class Preset:
     lr: tuple[float, float] = PRETRAINED_LR  # (pretrain, finetune) learning-rate defaults
     cpu_threads: int | None = None        # torch CPU threads by default (None: torch's own)
     profile_batch: int = 8                # profile-train's default batch
+    system: str | None = None             # the conversation's system prompt (None: Vicuna's; "" for none)
 
     def tokenizer(self) -> ByteTokenizer:
-        return ByteTokenizer(self.layout)
+        return ByteTokenizer(self.layout, self.system)
 
     def config(self, **vision_overrides):
         return self.build(self.tokenizer(), **vision_overrides)
@@ -94,11 +96,12 @@ def _comm_7b(tok, **overrides):
     return COMMConfig(vision, text, tok.image_token_id, max_length=2048)
 
 
-# the tiny model learns from scratch: a high rate in both stages, and one CPU thread, as its small matmuls
-# gain little from a second thread and lose badly when cores are shared
+# the tiny models learn from scratch: a high rate in both stages, and one CPU thread, as their small matmuls
+# gain little from a second thread and lose badly when cores are shared (grounding, 2 cores at load ~3.5:
+# 0.44 s a step with one thread, 2.3-6 s with two)
 PRESETS = {p.name: p for p in (
     Preset("tiny", _tiny, "bytes", lr=(2e-3, 2e-3), cpu_threads=1),
-    Preset("grounding", _grounding, "bytes", lr=(2e-3, 2e-3), cpu_threads=2),
+    Preset("grounding", _grounding, "bytes", lr=(2e-3, 2e-3), cpu_threads=1, system=""),
     Preset("1b", _1b, "llama"),
     Preset("comm-7b", _comm_7b, "llama", profile_batch=4),
 )}

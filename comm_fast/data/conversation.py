@@ -4,7 +4,8 @@
 
 Only the assistant replies and their </s> are trained on; the system prompt, the user turns and
 the image tokens get label -100. Each ``<image>`` becomes ``num_image_tokens`` copies of the image
-token id here, so sequence lengths are known before any image is read (packing needs them).
+token id here, so sequence lengths are known before any image is read (packing needs them). A tokenizer
+may carry its own system prompt (``tokenizer.system``, "" for none: a preset's), used in place of Vicuna's.
 """
 from __future__ import annotations
 
@@ -19,9 +20,16 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 ROLES = {"human": "USER", "gpt": "ASSISTANT"}
 
 
-def prompt_text(question: str) -> str:
+def system_prefix(tokenizer) -> str:
+    """What precedes the first USER turn: the tokenizer's system prompt (Vicuna's by default) and a space."""
+    system = getattr(tokenizer, "system", None)
+    system = SYSTEM if system is None else system
+    return system + " " if system else ""
+
+
+def prompt_text(question: str, prefix: str = SYSTEM + " ") -> str:
     """The generation prompt for one user turn (the assistant's reply follows)."""
-    return f"{SYSTEM} USER: {question} ASSISTANT:"
+    return f"{prefix}USER: {question} ASSISTANT:"
 
 
 def _encode(tokenizer, text: str, image_token_id: int, num_image_tokens: int) -> list[int]:
@@ -35,13 +43,14 @@ def _encode(tokenizer, text: str, image_token_id: int, num_image_tokens: int) ->
 
 
 def encode_prompt(tokenizer, question: str, num_image_tokens: int) -> list[int]:
-    return [tokenizer.bos_id] + _encode(tokenizer, prompt_text(question), tokenizer.image_token_id, num_image_tokens)
+    text = prompt_text(question, system_prefix(tokenizer))
+    return [tokenizer.bos_id] + _encode(tokenizer, text, tokenizer.image_token_id, num_image_tokens)
 
 
 def tokenize_conversation(conversations, tokenizer, num_image_tokens: int, max_length: int | None = None):
     """(input_ids, labels, truncated) as int32 arrays for one LLaVA ``conversations`` list."""
     ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
-    prefix = SYSTEM + " "
+    prefix = system_prefix(tokenizer)
     for turn in conversations:
         if turn["from"] == "human":
             toks = _encode(tokenizer, f"{prefix}USER: {turn['value']} ASSISTANT:", tokenizer.image_token_id,

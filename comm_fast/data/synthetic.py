@@ -13,10 +13,10 @@
                                 16 image tokens, samples run from about 220 to 475 tokens. With ``--mix rec``,
                                 grounding only: every record asks for the box of each object of its image
 
-Boxes in text are Shikra's (three decimals) and, like the REC boxes' normalisation in evaluation, refer to
-the image padded to a square (comm_fast.data.boxes). Everything is drawn from the seed and the split (the
-val split from other streams than train's, so its images are other images), so the same command always
-writes the same set.
+Boxes in text are Shikra's (three decimals, or ``--box-decimals``) and, like the REC boxes' normalisation
+in evaluation, refer to the image padded to a square (comm_fast.data.boxes). Everything is drawn from the
+seed and the split (the val split from other streams than train's, so its images are other images), so the
+same command always writes the same set.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import tempfile
 
 import numpy as np
 
-from comm_fast.data.boxes import REC_PROMPT, box_to_square, format_box
+from comm_fast.data.boxes import DECIMALS, REC_PROMPT, box_to_square, format_box
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
           "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
@@ -137,12 +137,12 @@ def _where(box, frame) -> str:
     return "in the centre" if (v, h) == ("middle", "centre") else f"at the {v} {h}" if v != "middle" else f"on the {h}"
 
 
-def detailed_description(objects, kind: str, frame, limit: int = DIALOGUE_CHARS) -> str:
+def detailed_description(objects, kind: str, frame, limit: int = DIALOGUE_CHARS, decimals: int = DECIMALS) -> str:
     """A grounded description (Flickr30k-Entities / Shikra style): every object with its box, its place
     and a relation, the least needed parts left out to stay within ``limit`` characters. ``frame``: the
     image's (width, height)."""
     def text(where: bool, relation: bool) -> str:
-        parts = [f"{_a(c)} {c} {s} {format_box(b, *frame)}" + (f" {_where(b, frame)}" if where else "")
+        parts = [f"{_a(c)} {c} {s} {format_box(b, *frame, decimals)}" + (f" {_where(b, frame)}" if where else "")
                  for c, s, b in objects]
         listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         out = f"The image shows {listed}, on {BACKGROUNDS[kind]} background."
@@ -156,17 +156,17 @@ def detailed_description(objects, kind: str, frame, limit: int = DIALOGUE_CHARS)
     return next((t for t in options if len(t) <= limit), options[-1])
 
 
-def _exchange(objects, frame, rng: random.Random) -> tuple[str, str]:
+def _exchange(objects, frame, rng: random.Random, decimals: int = DECIMALS) -> tuple[str, str]:
     """One more (question, answer) about the image: grounding, referring, colour, count, presence, relation."""
     colour, shape, box = rng.choice(objects)
     kinds = ("box", "region", "colour", "count", "presence", "relation" if len(objects) > 1 else "box")
     kind = rng.choice(kinds)
     if kind == "box":
-        return rng.choice(GROUNDING_QUESTIONS).format(f"{colour} {shape}"), format_box(box, *frame)
+        return rng.choice(GROUNDING_QUESTIONS).format(f"{colour} {shape}"), format_box(box, *frame, decimals)
     if kind == "region":
-        return f"What is at {format_box(box, *frame)}?", f"{_a(colour).capitalize()} {colour} {shape}."
+        return f"What is at {format_box(box, *frame, decimals)}?", f"{_a(colour).capitalize()} {colour} {shape}."
     if kind == "colour":
-        return f"What colour is the {shape} at {format_box(box, *frame)}?", f"{colour.capitalize()}."
+        return f"What colour is the {shape} at {format_box(box, *frame, decimals)}?", f"{colour.capitalize()}."
     if kind == "count":
         n = len(objects)
         return "How many shapes are there?", ("One." if n == 1 else f"{('Two', 'Three')[n - 2]}.")
@@ -176,7 +176,7 @@ def _exchange(objects, frame, rng: random.Random) -> tuple[str, str]:
         if not there:
             return f"Is there {_a(c2)} {c2} {s2}?", "No."
         b2 = next(b for c, s, b in objects if (c, s) == (c2, s2))
-        return f"Is there {_a(c2)} {c2} {s2}?", f"Yes, at {format_box(b2, *frame)}."
+        return f"Is there {_a(c2)} {c2} {s2}?", f"Yes, at {format_box(b2, *frame, decimals)}."
     c2, s2, b2 = rng.choice([o for o in objects if o[2] != box])
     left = box[0] + box[2] < b2[0] + b2[2]
     return (f"Is the {colour} {shape} to the left of the {c2} {s2}?",
@@ -188,7 +188,7 @@ def _chars(conv) -> int:
 
 
 def make_records(index: int, image: str, objects, kind: str, frame, rng: random.Random,
-                 mix: random.Random | None = None):
+                 mix: random.Random | None = None, decimals: int = DECIMALS):
     """(caption record, finetune record) for one image.
 
     ``rng`` draws the caption, and the finetune record's first exchange (a caption in a quarter of the
@@ -207,11 +207,11 @@ def make_records(index: int, image: str, objects, kind: str, frame, rng: random.
     else:
         colour, shape, box = rng.choice(objects)
         conv = [{"from": "human", "value": "<image>\n" + rng.choice(GROUNDING_QUESTIONS).format(f"{colour} {shape}")},
-                {"from": "gpt", "value": format_box(box, *frame)}]
+                {"from": "gpt", "value": format_box(box, *frame, decimals)}]
         others = [o for o in objects if o[2] != box]
         if others and rng.random() < 0.5:  # a follow-up turn: what is at this box?
             c2, s2, b2 = rng.choice(others)
-            conv += [{"from": "human", "value": f"What is at {format_box(b2, *frame)}?"},
+            conv += [{"from": "human", "value": f"What is at {format_box(b2, *frame, decimals)}?"},
                      {"from": "gpt", "value": f"A {c2} {s2}."}]
     if mix is not None:
         conv = list(conv)
@@ -221,18 +221,18 @@ def make_records(index: int, image: str, objects, kind: str, frame, rng: random.
                 question = "<image>\n" + mix.choice(DETAIL_QUESTIONS)
                 conv = [{"from": "human", "value": question},
                         {"from": "gpt", "value": detailed_description(objects, kind, frame,
-                                                                      DIALOGUE_CHARS - len(question) - 20)}]
+                                                                      DIALOGUE_CHARS - len(question) - 20, decimals)}]
             elif style == "vqa":
                 conv = []
                 for _ in range(mix.randint(1, 4)):
-                    q, a = _exchange(objects, frame, mix)
+                    q, a = _exchange(objects, frame, mix, decimals)
                     if conv and _chars(conv) + len(q) + len(a) + 20 > DIALOGUE_CHARS:
                         break
                     conv += [{"from": "human", "value": ("" if conv else "<image>\n") + q}, {"from": "gpt", "value": a}]
         else:
             want = mix.choices(*DIALOGUE_EXCHANGES)[0]
             while len(conv) // 2 < want:
-                q, a = _exchange(objects, frame, mix)
+                q, a = _exchange(objects, frame, mix, decimals)
                 if _chars(conv) + len(q) + len(a) + 20 > DIALOGUE_CHARS:
                     break
                 conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
@@ -248,13 +248,13 @@ def rec_records(index: int, image: str, objects, frame, split: str) -> list[dict
             for k, (c, s, box) in enumerate(objects)]
 
 
-def rec_dialogue(index: int, image: str, objects, frame, mix: random.Random) -> dict:
+def rec_dialogue(index: int, image: str, objects, frame, mix: random.Random, decimals: int = DECIMALS) -> dict:
     """A grounding-only finetune record: the box of each object of the image, in a random order."""
     conv = []
     for c, s, box in mix.sample(objects, len(objects)):
         question = mix.choice(GROUNDING_QUESTIONS).format(f"{c} {s}")
         conv += [{"from": "human", "value": ("" if conv else "<image>\n") + question},
-                 {"from": "gpt", "value": format_box(box, *frame)}]
+                 {"from": "gpt", "value": format_box(box, *frame, decimals)}]
     return {"id": f"synthetic-{index:06d}", "image": image, "conversations": conv}
 
 
@@ -269,7 +269,7 @@ def _streams(seed: int, split: str):
 
 
 def make_synthetic(out: str, n: int, seed: int = 0, size: int = 128, split: str = "train", mix: str = "llava",
-                   nonsquare: float = NONSQUARE, max_objects: int = 3) -> str:
+                   nonsquare: float = NONSQUARE, max_objects: int = 3, box_decimals: int = DECIMALS) -> str:
     """Write the set to ``out`` (through a temporary directory renamed into place); returns ``out``.
     ``split`` "val" writes other images than "train" for the same seed, and only their REC records."""
     if n <= 0:
@@ -282,6 +282,8 @@ def make_synthetic(out: str, n: int, seed: int = 0, size: int = 128, split: str 
         raise ValueError(f"--nonsquare: expected a fraction in [0, 1], got {nonsquare}")
     if not 1 <= max_objects <= 3:
         raise ValueError(f"--max-objects: expected 1, 2 or 3, got {max_objects}")
+    if not 1 <= box_decimals <= 6:
+        raise ValueError(f"--box-decimals: expected 1 to 6 decimals, got {box_decimals}")
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out: {out} exists and is not empty; choose a new directory")
@@ -297,9 +299,10 @@ def make_synthetic(out: str, n: int, seed: int = 0, size: int = 128, split: str 
             img, objects, kind = draw_image(rng, nrng, frame, max_objects)
             name = f"images/{i:06d}.png"
             img.save(os.path.join(tmp, name))
-            pre, fin = make_records(i, name, objects, kind, frame, rng, mixer if mix == "llava" else None)
+            llava = mix == "llava"
+            pre, fin = make_records(i, name, objects, kind, frame, rng, mixer if llava else None, box_decimals)
             pretrain.append(pre)
-            finetune.append(fin if mix == "llava" else rec_dialogue(i, name, objects, frame, mixer))
+            finetune.append(fin if llava else rec_dialogue(i, name, objects, frame, mixer, box_decimals))
             rec += rec_records(i, name, objects, frame, split)
         files = {"rec.jsonl": rec} if split != "train" else {
             "pretrain.json": pretrain, "finetune.json": finetune, "rec.jsonl": rec}
@@ -335,12 +338,14 @@ def add_arguments(parser) -> None:
                              "(grounding only: the box of every object)")
     parser.add_argument("--nonsquare", type=float, default=NONSQUARE, help="fraction of non-square images")
     parser.add_argument("--max-objects", type=positive_int, default=3, help="objects per image, at most (1-3)")
+    parser.add_argument("--box-decimals", type=positive_int, default=DECIMALS,
+                        help="decimals of the boxes in the training text (Shikra's 3; evaluation reads any)")
 
 
 def run(args) -> int:
     try:
         out = make_synthetic(args.out, args.n, args.seed, args.size, args.split, args.mix, args.nonsquare,
-                             args.max_objects)
+                             args.max_objects, args.box_decimals)
     except (ValueError, FileExistsError) as exc:
         print(f"comm-fast make-data: error: {exc}")
         return 2

@@ -23,16 +23,21 @@ class ByteTokenizer:
       bytes at their byte-fallback ids ``<0x00>``..``<0xFF>`` = 3..258, and ``<image>`` 32000, just past the
       32000-token vocabulary (never embedded), so a model of a LLaMA-shaped preset trains from random init
       with the special ids a Vicuna checkpoint has.
+
+    ``system``: the conversation's system prompt when it is not Vicuna's (saved with the tokenizer, so
+    training, generation and evaluation of a model build the same sequences; "" for none).
     """
 
     kind = "bytes"
     LAYOUTS = {"bytes": dict(byte_offset=0, pad_id=256, bos_id=257, eos_id=258, image_token_id=259, vocab_size=260),
                "llama": dict(byte_offset=3, pad_id=0, bos_id=1, eos_id=2, image_token_id=32000, vocab_size=32000)}
 
-    def __init__(self, layout: str = "bytes"):
+    def __init__(self, layout: str = "bytes", system: str | None = None):
         if layout not in self.LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(self.LAYOUTS)}, got {layout!r}")
-        self.layout = layout
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"system: expected a string or None, got {type(system).__name__}")
+        self.layout, self.system = layout, system
         ids = self.LAYOUTS[layout]
         self.byte_offset = ids["byte_offset"]
         self.pad_id, self.bos_id, self.eos_id = ids["pad_id"], ids["bos_id"], ids["eos_id"]
@@ -47,7 +52,8 @@ class ByteTokenizer:
 
     def save(self, directory: str) -> None:
         with open(os.path.join(directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-            json.dump({"comm_fast_tokenizer": self.kind, "layout": self.layout, "vocab_size": self.vocab_size}, f)
+            data = {"comm_fast_tokenizer": self.kind, "layout": self.layout, "vocab_size": self.vocab_size}
+            json.dump(data if self.system is None else {**data, "system": self.system}, f)
 
 
 class HFTokenizer:
@@ -83,7 +89,7 @@ def load_tokenizer(directory, image_token_id: int | None = None):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: corrupt tokenizer file ({exc})") from None
         if isinstance(data, dict) and data.get("comm_fast_tokenizer") == "bytes":
-            return ByteTokenizer(data.get("layout", "bytes"))
+            return ByteTokenizer(data.get("layout", "bytes"), data.get("system"))
     hf_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     if not any(os.path.isfile(os.path.join(directory, f)) for f in hf_files):
         return None

@@ -139,8 +139,24 @@ def _scaled(branch, scale):
     return branch.mul_(scale) if torch.promote_types(branch.dtype, scale.dtype) == branch.dtype else branch * scale
 
 
+def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
+    """MAE's fixed 2D sin-cos position embedding, ``[grid * grid, dim]`` in row-major patch order: the first
+    half of the channels encode the column, the second the row, each as sin then cos of dim / 4 frequencies."""
+    if dim % 4:
+        raise ValueError(f"hidden_size: a 2D sin-cos position embedding needs a multiple of 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = [f(c.reshape(-1, 1) * omega) for c in (cols, rows) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1).float()
+
+
 class ViTEncoder(nn.Module):
-    """Base of CLIPVisionEncoder and DINOv2Encoder. Subclasses add checkpoint loading."""
+    """Base of CLIPVisionEncoder and DINOv2Encoder. Subclasses add checkpoint loading.
+
+    Built from a config (random init), the position embedding starts as MAE's 2D sin-cos (CLS's row zero),
+    so that a random-initialised encoder's tokens still say where their patch is; a checkpoint's replaces it.
+    """
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -149,6 +165,9 @@ class ViTEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(config.num_channels, d, kernel_size=p, stride=p, bias=config.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.grid * config.grid, d))
+        if d % 4 == 0:
+            with torch.no_grad():
+                self.pos_embed[0, 1:] = sincos_pos_embed(config.grid, d)
         self.register_tokens = (nn.Parameter(torch.zeros(1, config.num_register_tokens, d))
                                 if config.num_register_tokens else None)
         self.pre_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.pre_norm else None

@@ -131,3 +131,23 @@ def test_data_order_is_seeded_and_resumable():
     b = DataOrder(10, seed=1, position=7)
     assert b.take(7) == first[7:]
     assert DataOrder(10, seed=2).take(10) != first[:10]
+
+
+def test_a_tokenizers_own_system_prompt_replaces_vicunas_and_is_saved(tmp_path):
+    from comm_fast.data.conversation import SYSTEM, encode_prompt, tokenize_conversation
+    from comm_fast.data.tokenizer import load_tokenizer
+
+    conv = [{"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "[0.1,0.2,0.3,0.4]"}]
+    vicuna, none, short = ByteTokenizer(), ByteTokenizer(system=""), ByteTokenizer(system="Boxes.")
+    img = vicuna.image_token_id
+    for tok, text in ((vicuna, SYSTEM + " "), (none, ""), (short, "Boxes. ")):
+        ids, labels, _ = tokenize_conversation(conv, tok, 2)
+        want = [tok.bos_id] + tok.encode(text + "USER: ") + [img, img] + tok.encode("\nWhere? ASSISTANT:")
+        assert ids[:len(want)].tolist() == want
+        assert tok.decode(ids[len(want):]) == " [0.1,0.2,0.3,0.4]" and ids[-1] == tok.eos_id
+        assert (labels[:len(want)] == -100).all() and (labels[len(want):] == ids[len(want):]).all()
+        assert encode_prompt(tok, "<image>\nWhere?", 2) == want  # generation and evaluation: the same prefix
+        tok.save(str(tmp_path))
+        assert load_tokenizer(tmp_path).system == tok.system
+    with pytest.raises(ValueError, match="system: expected a string or None, got int"):
+        ByteTokenizer(system=3)

@@ -176,3 +176,25 @@ def test_make_data_split_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["make-data", "synthetic", "--n", "3", "--split", "test", "--out", str(tmp_path / "x")])
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_box_decimals_flag_writes_shorter_boxes_that_eval_reads(tmp_path):
+    assert cli(["make-data", "synthetic", "--n", "4", "--mix", "rec", "--seed", "1", "--box-decimals", "2",
+                "--out", str(tmp_path / "d2")]) == 0
+    recs = _rec(tmp_path / "d2")
+    for rec in json.load(open(tmp_path / "d2" / "finetune.json")):
+        for answer in (t["value"] for t in rec["conversations"][1::2]):
+            box = parse_box(answer)  # eval's own parser
+            assert box is not None and len(answer) == 21, answer  # [0.dd,0.dd,0.dd,0.dd]
+            # the rounded box is within half a hundredth of one REC box of its image
+            assert any(np.allclose(box, _square(r), atol=0.005 + 1e-9) for r in recs if r["img_path"] == rec["image"])
+    # the images and REC records are the same as with three decimals: only the text differs
+    make_synthetic(tmp_path / "d3", 4, seed=1, mix="rec")
+    assert _rec(tmp_path / "d3") == recs
+    assert cli(["make-data", "synthetic", "--n", "3", "--box-decimals", "9", "--out", str(tmp_path / "x")]) == 2
+
+
+def _square(rec):
+    from comm_fast.data.boxes import box_to_square
+
+    return box_to_square(rec["bbox"], rec["width"], rec["height"])

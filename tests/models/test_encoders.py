@@ -91,3 +91,33 @@ def test_position_embedding_cached_per_resolution(tmp_path, seed):
         d = ours.position_embedding((6, 6))
     assert d is not a
     torch.testing.assert_close(d, 2 * a)
+
+
+def _mae_2d_sincos(dim, grid):
+    """MAE's get_2d_sincos_pos_embed (models_mae / util/pos_embed.py), numpy, without the CLS row."""
+    import numpy as np
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    g = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))  # w goes first
+    g = np.stack(g, axis=0).reshape(2, 1, grid, grid)
+    return np.concatenate([one_d(dim // 2, g[0]), one_d(dim // 2, g[1])], axis=1)
+
+
+@pytest.mark.parametrize("cls", [CLIPVisionEncoder, DINOv2Encoder])
+def test_random_init_position_embedding_is_maes_sincos_and_tells_patches_apart(cls, seed):
+    """A random-initialised encoder knows where its patches are: on a uniform image its patch tokens differ."""
+    from comm_fast.models import ViTConfig
+
+    family = "clip" if cls is CLIPVisionEncoder else "dinov2"
+    enc = cls(ViTConfig(family=family, hidden_size=32, num_layers=2, num_heads=2, mlp_hidden=64, patch_size=14,
+                        image_size=56, layer_norm_eps=1e-6, layerscale=family == "dinov2")).eval()
+    pos = enc.pos_embed.detach()[0]
+    assert torch.equal(pos[0], torch.zeros(32))  # CLS
+    torch.testing.assert_close(pos[1:].double(), torch.from_numpy(_mae_2d_sincos(32, 4)), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        tokens = enc(torch.full((1, 3, 56, 56), 0.3), [2])[0, 0, 1:]
+    assert torch.cdist(tokens, tokens).add(torch.eye(16) * 1e9).min() > 1e-2

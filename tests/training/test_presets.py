@@ -83,6 +83,7 @@ def test_every_preset_trains_and_profiles_one_step(name, tmp_path, monkeypatch):
     assert step["loss"] > 0 and step["images_per_s"] > 0
     model = COMMForCausalLM.from_pretrained(out / "model")  # saved with its tokenizer
     assert model.tokenizer.layout == presets.get(name).layout
+    assert model.tokenizer.system == presets.get(name).system  # the preset's system prompt, saved with the model
     assert model.config.image_token_id == model.tokenizer.image_token_id
     assert cli(["profile-train", "--preset", name, "--steps", "1", "--warmup", "0", "--batch-size", "2",
                 "--no-padded", "--json", str(tmp_path / "p.json")]) == 0
