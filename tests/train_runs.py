@@ -38,7 +38,7 @@ def mixed_data(directory, n=16):
 
     Square images only: the mean-colour bands of padded non-square images are near-constant patches whose
     LayerNorms amplify the rounding of a different batch split (max weight difference 2e-6 measured, against
-    4e-7 on square images), which would blur the split tests' 1e-6 line between rounding and a bug (8e-4)."""
+    4e-7 on square images), which would narrow the split tests' margin between rounding and a bug (8e-4)."""
     assert cli(["make-data", "synthetic", "--n", str(n), "--out", str(directory), "--nonsquare", "0"]) == 0
     path = directory / "finetune.json"
     records = json.loads(path.read_text())

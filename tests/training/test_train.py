@@ -96,7 +96,8 @@ def test_bad_input_is_reported_and_writes_nothing(tmp_path, capsys):
 # -- split invariance: one global batch of 4 samples, cut every way -----------------------------------
 SPLIT = ["--steps", "3", "--save-every", "3", "--lr", "2e-4"]
 REFERENCE = ("padded", 4, 1)
-TOLERANCE = 1e-6  # CPU fp32: 3e-7 measured; a per-micro-batch mean, or attention across packed samples, 8e-4
+TOLERANCE = 4e-6  # CPU fp32 rounding, amplified by Adam on near-zero gradients: 2e-7 to 1.2e-6 measured as the
+                  # data and the encoders' init changed; a per-micro-batch mean, or attention across packed samples, 8e-4
 
 
 @pytest.fixture(scope="module")
