@@ -17,12 +17,14 @@ import os
 
 import torch
 
+from comm_fast.config import COMMVisionConfig
+
 PROCESSOR_FILE = "processor_config.json"  # transformers' PROCESSOR_NAME: AutoProcessor reads processor_class here
 
 
 class COMMProcessor:
     def __init__(self, tokenizer, num_image_tokens: int, clip_image_size: int = 336, dino_image_size: int = 336,
-                 aspect: str = "crop"):
+                 aspect: str = COMMVisionConfig.aspect):  # the model's default image aspect
         if tokenizer is None:
             raise ValueError("tokenizer: a COMMProcessor needs one (ByteTokenizer or HFTokenizer), got None")
         self.tokenizer, self.num_image_tokens = tokenizer, int(num_image_tokens)
@@ -33,7 +35,7 @@ class COMMProcessor:
         """The processor of a COMMForCausalLM (its tokenizer and its visual branch's image sizes)."""
         vision = model.config.vision
         return cls(model.tokenizer, model.num_image_tokens, vision.clip_image_size, vision.dino_image_size,
-                   getattr(vision, "aspect", "crop"))
+                   vision.aspect)
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def __call__(self, text: str | list[str] | None = None, images=None, conversations: list | None = None,
