@@ -56,14 +56,16 @@ def _cli(*args, log=None) -> float:
     return time.perf_counter() - t0
 
 
-def make_data(work: str, n_train: int, n_val: int, seed: int, decimals: int) -> tuple[str, str]:
-    train = os.path.join(work, f"train-{n_train}-s{seed}-d{decimals}")
-    val = os.path.join(work, f"val-{n_val}-s{seed}")
+def make_data(work: str, n_train: int, n_val: int, seed: int, decimals: int, texture: float = 1.0) -> tuple[str, str]:
+    tag = "" if texture == 1.0 else f"-t{texture:g}"  # the backgrounds' contrast, when not the default's
+    train = os.path.join(work, f"train-{n_train}-s{seed}-d{decimals}{tag}")
+    val = os.path.join(work, f"val-{n_val}-s{seed}{tag}")
     if not os.path.isdir(train):
         _cli("make-data", "synthetic", "--n", n_train, "--seed", seed, "--mix", "rec", "--box-decimals", decimals,
-             "--out", train)
+             "--texture", texture, "--out", train)
     if not os.path.isdir(val):
-        _cli("make-data", "synthetic", "--n", n_val, "--seed", seed, "--split", "val", "--out", val)
+        _cli("make-data", "synthetic", "--n", n_val, "--seed", seed, "--split", "val", "--texture", texture,
+             "--out", val)
     return train, val
 
 
@@ -362,6 +364,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--box-decimals", type=int, default=RECIPE_BOX_DECIMALS, help="decimals of the training boxes")
+    p.add_argument("--texture", type=float, default=1.0, help="background contrast of both splits (make-data --texture)")
     p.add_argument("--curve-limit", type=int, default=200, help="val items scored at the curve's earlier points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-steps", type=int, default=1500)
@@ -377,13 +380,14 @@ def main(argv=None) -> int:
         args.work = os.path.join(args.work, "quick")
     only = set(args.only or ("recipe", "ablation", "chance", "probe"))
     os.makedirs(args.work, exist_ok=True)
-    train, val = make_data(args.work, args.n_train, args.n_val, args.seed, args.box_decimals)
+    train, val = make_data(args.work, args.n_train, args.n_val, args.seed, args.box_decimals, args.texture)
     date = datetime.datetime.now(datetime.timezone.utc)
     results = {"date": date.isoformat(timespec="seconds"), "machine": f"{os.cpu_count()}-core CPU",
                "platform": platform.platform(), "python": platform.python_version(),
                "train_data": {"n_images": args.n_train, "mix": "rec", "seed": args.seed,
-                              "box_decimals": args.box_decimals},
-               "val_data": {"n_images": args.n_val, "split": "val", "seed": args.seed}, "runs": []}
+                              "box_decimals": args.box_decimals, "texture": args.texture},
+               "val_data": {"n_images": args.n_val, "split": "val", "seed": args.seed, "texture": args.texture},
+               "runs": []}
     common = dict(steps=steps, every=every, batch=args.batch_size, lr=args.lr, threads=args.threads, seed=args.seed,
                   curve_limit=args.curve_limit, decimals=args.box_decimals)
     if "chance" in only:

@@ -1,6 +1,6 @@
 """A synthetic grounding and captioning set: coloured shapes on textured backgrounds.
 
-``comm-fast make-data synthetic --n N --out DIR [--split train|val] [--mix llava|rec]`` writes
+``comm-fast make-data synthetic --n N --out DIR [--split train|val] [--mix llava|rec] [--texture F]`` writes
 
     DIR/images/000000.png ...   RGB images, half of them square, the rest of width:height 3:4 to 16:9
     DIR/rec.jsonl               one referring expression per object (Shikra's REC JSON Lines: img_path,
@@ -53,9 +53,13 @@ SPLITS = ("train", "val")
 MIXES = ("llava", "rec")
 
 
-def _background(rng: random.Random, nrng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, str]:
+def _background(rng: random.Random, nrng: np.random.Generator, width: int, height: int,
+                texture: float = 1.0) -> tuple[np.ndarray, str]:
+    """A background of one of the BACKGROUNDS kinds between two random colours; ``texture`` scales its
+    contrast (the second colour's distance from the first, and the pixel noise) and draws nothing else."""
     kind = rng.choice(sorted(BACKGROUNDS))
     c1, c2 = (np.array([rng.randint(90, 200) for _ in range(3)], dtype=np.float32) for _ in range(2))
+    c2 = c1 + np.float32(texture) * (c2 - c1)
     yy, xx = np.mgrid[0:height, 0:width]
     if kind == "stripes":
         period = rng.randint(6, 16)
@@ -67,7 +71,7 @@ def _background(rng: random.Random, nrng: np.random.Generator, width: int, heigh
         t = (xx / (width - 1))[..., None]
     else:
         t = nrng.random((height, width, 1))
-    img = c1 * (1 - t) + c2 * t + nrng.normal(0, 8, (height, width, 3))
+    img = c1 * (1 - t) + c2 * t + texture * nrng.normal(0, 8, (height, width, 3))
     return np.clip(img, 0, 255).astype(np.uint8), kind
 
 
@@ -86,14 +90,15 @@ def image_size(rng: random.Random, size: int, nonsquare: float = NONSQUARE) -> t
 
 
 def draw_image(rng: random.Random, nrng: np.random.Generator, frame: tuple[int, int] = (128, 128),
-               max_objects: int = 3):
+               max_objects: int = 3, texture: float = 1.0):
     """(PIL image of ``frame`` = (width, height), [(colour, shape, (x0, y0, x1, y1))] with pixel boxes,
-    background kind). One to ``max_objects`` objects, each 1/6 to 1/2.5 of the shorter side."""
+    background kind). One to ``max_objects`` objects, each 1/6 to 1/2.5 of the shorter side; ``texture``:
+    the background's contrast (1: as always drawn)."""
     from PIL import Image, ImageDraw
 
     width, height = frame
     short = min(width, height)
-    pixels, kind = _background(rng, nrng, width, height)
+    pixels, kind = _background(rng, nrng, width, height, texture)
     img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
     objects, boxes = [], []
@@ -269,7 +274,8 @@ def _streams(seed: int, split: str):
 
 
 def make_synthetic(out: str, n: int, seed: int = 0, size: int = 128, split: str = "train", mix: str = "llava",
-                   nonsquare: float = NONSQUARE, max_objects: int = 3, box_decimals: int = DECIMALS) -> str:
+                   nonsquare: float = NONSQUARE, max_objects: int = 3, box_decimals: int = DECIMALS,
+                   texture: float = 1.0) -> str:
     """Write the set to ``out`` (through a temporary directory renamed into place); returns ``out``.
     ``split`` "val" writes other images than "train" for the same seed, and only their REC records."""
     if n <= 0:
@@ -282,6 +288,8 @@ def make_synthetic(out: str, n: int, seed: int = 0, size: int = 128, split: str 
         raise ValueError(f"--nonsquare: expected a fraction in [0, 1], got {nonsquare}")
     if not 1 <= max_objects <= 3:
         raise ValueError(f"--max-objects: expected 1, 2 or 3, got {max_objects}")
+    if not 0.0 <= texture <= 1.0:
+        raise ValueError(f"--texture: expected a background contrast in [0, 1], got {texture}")
     if not 1 <= box_decimals <= 6:
         raise ValueError(f"--box-decimals: expected 1 to 6 decimals, got {box_decimals}")
     out = os.path.abspath(os.fspath(out))
@@ -296,7 +304,7 @@ def make_synthetic(out: str, n: int, seed: int = 0, size: int = 128, split: str 
         pretrain, finetune, rec = [], [], []
         for i in range(n):
             frame = image_size(rng, size, nonsquare)
-            img, objects, kind = draw_image(rng, nrng, frame, max_objects)
+            img, objects, kind = draw_image(rng, nrng, frame, max_objects, texture)
             name = f"images/{i:06d}.png"
             img.save(os.path.join(tmp, name))
             llava = mix == "llava"
@@ -340,12 +348,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-objects", type=positive_int, default=3, help="objects per image, at most (1-3)")
     parser.add_argument("--box-decimals", type=positive_int, default=DECIMALS,
                         help="decimals of the boxes in the training text (Shikra's 3; evaluation reads any)")
+    parser.add_argument("--texture", type=float, default=1.0,
+                        help="background contrast, 0-1 (1: the set as always drawn; lower: calmer backgrounds, on "
+                             "which random-initialised encoders' tokens single the objects out more)")
 
 
 def run(args) -> int:
     try:
         out = make_synthetic(args.out, args.n, args.seed, args.size, args.split, args.mix, args.nonsquare,
-                             args.max_objects, args.box_decimals)
+                             args.max_objects, args.box_decimals, args.texture)
     except (ValueError, FileExistsError) as exc:
         print(f"comm-fast make-data: error: {exc}")
         return 2

@@ -198,3 +198,26 @@ def _square(rec):
     from comm_fast.data.boxes import box_to_square
 
     return box_to_square(rec["bbox"], rec["width"], rec["height"])
+
+
+def test_texture_calms_the_background_and_keeps_everything_else(tmp_path, capsys):
+    full = make_synthetic(tmp_path / "t1", 8, seed=2, mix="rec")
+    calm = make_synthetic(tmp_path / "t025", 8, seed=2, mix="rec", texture=0.25)
+    assert _rec(calm) == _rec(full)  # the same draws: images' sizes, objects, boxes and text
+    assert json.load(open(os.path.join(calm, "finetune.json"))) == json.load(open(os.path.join(full, "finetune.json")))
+    ratios = []
+    for name in sorted({r["img_path"] for r in _rec(full)}):
+        a, b = (np.asarray(_image(p, name), dtype=np.float64) for p in (full, calm))
+        background = np.ones(a.shape[:2], dtype=bool)
+        for r in _rec(full):
+            if r["img_path"] == name:
+                x0, y0, x1, y1 = r["bbox"]
+                background[y0:y1 + 1, x0:x1 + 1] = False
+                colour = COLORS[r["expression"].split()[1]]  # "the red circle": each object's fill is unchanged
+                cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+                assert tuple(a[cy, cx]) == tuple(b[cy, cx]) == colour
+        ratios.append(b[background].std(0).mean() / a[background].std(0).mean())
+    # a quarter of the contrast; the uint8 rounding of the calmer image adds a little
+    assert 0.2 < np.median(ratios) < 0.3, ratios
+    assert cli(["make-data", "synthetic", "--n", "3", "--texture", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--texture: expected a background contrast in [0, 1], got 1.5" in capsys.readouterr().out
