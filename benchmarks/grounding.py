@@ -372,6 +372,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="tag of this run's variant directories (default: the preset)")
     p.add_argument("--results", default=RESULTS, help="where the dated json and png go")
     p.add_argument("--vision", default="{}", help="JSON of COMMVisionConfig overrides for the recipe run")
+    p.add_argument("--variant", choices=sorted(ABLATION), action="append",
+                   help="the ablation's variants to run (repeatable; default all)")
     args = p.parse_args(argv)
     steps = args.steps or (8 if args.quick else RECIPE_STEPS)
     every = args.every or max(1, steps // (2 if args.quick else 5))
@@ -399,7 +401,8 @@ def main(argv=None) -> int:
         results["runs"].append(train_and_eval(tag, args.work, train, val, preset=args.preset,
                                               vision=json.loads(args.vision), **common))
     if "ablation" in only:
-        for name, vision in ABLATION.items():
+        for name in args.variant or ABLATION:
+            vision = ABLATION[name]
             results["runs"].append(train_and_eval(f"{args.preset}-{name}", args.work, train, val, preset=args.preset,
                                                   vision=vision, **common))
     if "probe" in only:
