@@ -415,6 +415,8 @@ def main(argv=None) -> int:
     out_dir = args.work if args.quick else args.results
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"grounding-{date:%Y-%m-%d-%H%M}")
+    if os.path.exists(stem + ".json"):  # another run started within the same minute: keep both
+        stem = os.path.join(out_dir, f"grounding-{date:%Y-%m-%d-%H%M%S}")
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     if results["runs"]:
