@@ -1,7 +1,8 @@
 """Grounding that is learned, on CPU: the recipe's held-out Acc@0.5, the chance baseline, the learning curve
 and a miniature of COMM's encoder ablation, on the synthetic set.
 
-    python benchmarks/grounding.py [--quick] [--only recipe|ablation|chance] [--steps N] [--work DIR]
+    python benchmarks/grounding.py [--quick] [--only recipe|ablation|chance|probe] [--steps N] [--work DIR]
+                                   [--texture T] [--variant clip-last|clip-multi|dino-deep|comm ...]
 
 Each run writes the synthetic train set (``--mix rec``) and the held-out val split (``--split val``) once,
 builds the model of a variant (random weights, seed 0) and saves it, trains it with ``comm-fast train
