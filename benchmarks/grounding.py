@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from comm_fast.data.synthetic import TEXTURE  # the generator's default background contrast
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -57,8 +59,15 @@ def _cli(*args, log=None) -> float:
     return time.perf_counter() - t0
 
 
-def make_data(work: str, n_train: int, n_val: int, seed: int, decimals: int, texture: float = 1.0) -> tuple[str, str]:
-    tag = "" if texture == 1.0 else f"-t{texture:g}"  # the backgrounds' contrast, when not the default's
+def read_rec(split_dir: str) -> list[dict]:
+    """The REC records (rec.jsonl) of a synthetic split, read as eval reads them."""
+    from comm_fast.eval.records import read_records
+
+    return read_records(os.path.join(split_dir, "rec.jsonl"))
+
+
+def make_data(work: str, n_train: int, n_val: int, seed: int, decimals: int, texture: float = TEXTURE) -> tuple[str, str]:
+    tag = "" if texture == TEXTURE else f"-t{texture:g}"  # the backgrounds' contrast, when not the default's
     train = os.path.join(work, f"train-{n_train}-s{seed}-d{decimals}{tag}")
     val = os.path.join(work, f"val-{n_val}-s{seed}{tag}")
     if not os.path.isdir(train):
@@ -167,8 +176,7 @@ def image_dependence(model_dir: str, val: str, decimals: int, threads: int, shif
 
     torch.set_num_threads(threads)
     model = COMMForCausalLM.from_pretrained(model_dir).eval()
-    with open(os.path.join(val, "rec.jsonl"), encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+    recs = read_rec(val)
     images = load_images([os.path.join(val, r["img_path"]) for r in recs])
     convs = [[{"from": "human", "value": "<image>\n" + REC_PROMPT.format(expression=r["expression"])},
               {"from": "gpt", "value": format_box(r["bbox"], r["width"], r["height"], decimals)}] for r in recs]
@@ -198,8 +206,7 @@ def position_r2(model_dir: str, val: str, threads: int, n_images: int = 120) -> 
 
     torch.set_num_threads(threads)
     model = COMMForCausalLM.from_pretrained(model_dir).eval()
-    with open(os.path.join(val, "rec.jsonl"), encoding="utf-8") as f:
-        paths = sorted({json.loads(line)["img_path"] for line in f if line.strip()})[:n_images]
+    paths = sorted({r["img_path"] for r in read_rec(val)})[:n_images]
     images = load_images([os.path.join(val, p) for p in paths])
     with torch.no_grad():
         v = torch.cat([model.vision(*model.processor.pixel_values(images[k:k + 40]))
@@ -245,8 +252,7 @@ def probe(name: str, work: str, train: str, val: str, *, preset: str, vision: di
     names = [f"{c} {s}" for c in COLORS for s in SHAPES]
 
     def read(split_dir):
-        with open(os.path.join(split_dir, "rec.jsonl"), encoding="utf-8") as f:
-            recs = [json.loads(line) for line in f if line.strip()]
+        recs = read_rec(split_dir)
         paths = sorted({r["img_path"] for r in recs})
         images = load_images([os.path.join(split_dir, p) for p in paths])
         index = {p: k for k, p in enumerate(paths)}
@@ -311,9 +317,7 @@ def chance(train: str, val: str, out: str) -> dict:
     from comm_fast.eval import rescore
     from comm_fast.eval.run import load_items
 
-    with open(os.path.join(train, "rec.jsonl"), encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    boxes = [box_to_square(r["bbox"], r["width"], r["height"]) for r in recs]
+    boxes = [box_to_square(r["bbox"], r["width"], r["height"]) for r in read_rec(train)]
     mean = [sum(b[k] for b in boxes) / len(boxes) for k in range(4)]
     items, _ = load_items("rec", os.path.join(val, "rec.jsonl"))
     os.makedirs(out, exist_ok=True)
@@ -365,7 +369,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--box-decimals", type=int, default=RECIPE_BOX_DECIMALS, help="decimals of the training boxes")
-    p.add_argument("--texture", type=float, default=1.0, help="background contrast of both splits (make-data --texture)")
+    p.add_argument("--texture", type=float, default=TEXTURE, help="background contrast of both splits (make-data --texture)")
     p.add_argument("--curve-limit", type=int, default=200, help="val items scored at the curve's earlier points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probe-steps", type=int, default=1500)

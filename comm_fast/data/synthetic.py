@@ -48,13 +48,14 @@ DIALOGUE_CHARS = 310
 # from the main stream, see make_records; DIALOGUE_CHARS may end it sooner)
 DIALOGUE_EXCHANGES = ((1, 2, 3, 4, 5, 6), (50, 18, 12, 9, 6, 5))
 NONSQUARE = 0.5                 # the fraction of images that are not square
+TEXTURE = 1.0                   # the backgrounds' contrast (1: the set as it was always drawn)
 RATIOS = (3 / 4, 16 / 9)        # their width / height, log-uniform in this range
 SPLITS = ("train", "val")
 MIXES = ("llava", "rec")
 
 
 def _background(rng: random.Random, nrng: np.random.Generator, width: int, height: int,
-                texture: float = 1.0) -> tuple[np.ndarray, str]:
+                texture: float = TEXTURE) -> tuple[np.ndarray, str]:
     """A background of one of the BACKGROUNDS kinds between two random colours; ``texture`` scales its
     contrast (the second colour's distance from the first, and the pixel noise) and draws nothing else."""
     kind = rng.choice(sorted(BACKGROUNDS))
@@ -90,7 +91,7 @@ def image_size(rng: random.Random, size: int, nonsquare: float = NONSQUARE) -> t
 
 
 def draw_image(rng: random.Random, nrng: np.random.Generator, frame: tuple[int, int] = (128, 128),
-               max_objects: int = 3, texture: float = 1.0):
+               max_objects: int = 3, texture: float = TEXTURE):
     """(PIL image of ``frame`` = (width, height), [(colour, shape, (x0, y0, x1, y1))] with pixel boxes,
     background kind). One to ``max_objects`` objects, each 1/6 to 1/2.5 of the shorter side; ``texture``:
     the background's contrast (1: as always drawn)."""
@@ -275,7 +276,7 @@ def _streams(seed: int, split: str):
 
 def make_synthetic(out: str, n: int, seed: int = 0, size: int = 128, split: str = "train", mix: str = "llava",
                    nonsquare: float = NONSQUARE, max_objects: int = 3, box_decimals: int = DECIMALS,
-                   texture: float = 1.0) -> str:
+                   texture: float = TEXTURE) -> str:
     """Write the set to ``out`` (through a temporary directory renamed into place); returns ``out``.
     ``split`` "val" writes other images than "train" for the same seed, and only their REC records."""
     if n <= 0:
@@ -348,7 +349,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-objects", type=positive_int, default=3, help="objects per image, at most (1-3)")
     parser.add_argument("--box-decimals", type=positive_int, default=DECIMALS,
                         help="decimals of the boxes in the training text (Shikra's 3; evaluation reads any)")
-    parser.add_argument("--texture", type=float, default=1.0,
+    parser.add_argument("--texture", type=float, default=TEXTURE,
                         help="background contrast, 0-1 (1: the set as always drawn; lower: calmer backgrounds, on "
                              "which random-initialised encoders' tokens single the objects out more)")
 
