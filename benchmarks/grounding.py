@@ -17,7 +17,6 @@ a few steps, results under --work only).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
