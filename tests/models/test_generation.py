@@ -65,8 +65,20 @@ def test_beam_search_scores_are_the_sequences_log_likelihood(model):
     assert scores == sorted(scores, reverse=True)
     for row, score in zip(out.sequences, scores):
         assert abs(log_likelihood(model, ids, px, until_eos(row, eos)) - score) < 1e-4
+    # Beam search need not beat greedy past the first step (the greedy prefix can fall out of the beam), but
+    # one step of it is exact: the three likeliest next tokens, in order, with their log-probabilities.
+    first = model.generate(input_ids=ids, pixel_values=px, return_dict_in_generate=True, output_scores=True,
+                           generation_config=GenerationConfig(max_new_tokens=1, num_beams=4, num_return_sequences=3,
+                                                              length_penalty=0.0))
+    with torch.no_grad():
+        seq, _, _ = model.expand_image_tokens(ids)
+        logits = model.llm(inputs_embeds=model.embed(seq, model.image_features(px)), use_cache=False).logits[0, -1]
+    log_p = torch.log_softmax(logits.double(), -1)
+    log_p[model.tokenizer.image_token_id] = float("-inf")  # generation never emits the image placeholder
+    top = log_p.topk(3)
+    assert first.sequences[:, -1].tolist() == top.indices.tolist()
+    assert torch.allclose(first.sequences_scores.double(), top.values, atol=1e-4)
     greedy = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=4)[0]
-    assert scores[0] >= log_likelihood(model, ids, px, until_eos(greedy, eos)) - 1e-4  # greedy is one candidate
     one_beam = model.generate(input_ids=ids, pixel_values=px, generation_config=GenerationConfig(max_new_tokens=4,
                                                                                                  num_beams=1))
     assert torch.equal(one_beam[0], greedy)
