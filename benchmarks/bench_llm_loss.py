@@ -43,18 +43,7 @@ def text_step_peaks(spec: presets.Preset, tokens: int = 2048, repeats: int = 2) 
     ids = torch.randint(3, min(model.config.text["vocab_size"], model.config.image_token_id), (1, tokens))
     labels = ids.clone()
     labels[:, :tokens // 2] = -100
-    peaks: dict = {}
-    for _ in range(repeats):
-        for kind in ("eager", "chunked"):
-            model.llm_kernels = kind
-
-            def step():
-                model(ids, labels=labels, return_logits=False).loss_sum.backward()
-                model.zero_grad(set_to_none=True)
-
-            mb = bench.peak_memory_mb(step, torch.device("cpu"))
-            peaks[kind] = mb if kind not in peaks or mb is None else min(peaks[kind], mb)
-    return peaks
+    return bench.loss_step_peaks_mb(model, ids, labels, repeats=repeats)
 
 
 def main(argv=None) -> int:

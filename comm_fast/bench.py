@@ -151,6 +151,24 @@ def peak_memory_mb(fn: Callable, device) -> float | None:
     return max(0, mode.peak - base) / 2**20
 
 
+def loss_step_peaks_mb(model, ids, labels, kinds=("eager", "chunked"), repeats: int = 1) -> dict:
+    """Peak memory (MB) of one forward + backward of ``model(ids, labels=labels)`` per LM loss in ``kinds``,
+    alternated ``repeats`` times and the smallest kept (a shared machine's other work only adds); a kind's
+    value is None where this machine gives no heap figures."""
+    device = ids.device
+    peaks: dict = {}
+    for _ in range(repeats):
+        for kind in kinds:
+            model.llm_kernels = kind
+
+            def step():
+                model(ids, labels=labels, return_logits=False).loss_sum.backward()
+                model.zero_grad(set_to_none=True)
+
+            mb = peak_memory_mb(step, device)
+            peaks[kind] = mb if peaks.get(kind) is None or mb is None else min(peaks[kind], mb)
+    return peaks
+
 def copy_bandwidth_gbs(device, nbytes: int) -> float:
     """Measured copy bandwidth (bytes read + written per second)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)

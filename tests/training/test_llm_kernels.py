@@ -90,18 +90,9 @@ def test_chunked_step_needs_less_memory_with_a_32k_vocabulary(seed):
     model = COMMForCausalLM(config, tok)
     ids = torch.randint(3, 32000, (1, 385))
     ids[ids == config.image_token_id] = 3  # a text-only step: no id may be the image token
-    peaks = {}
-    for kind in ("eager", "chunked"):
-        model.llm_kernels = kind
-
-        def step():
-            model(ids, labels=ids, return_logits=False).loss_sum.backward()
-            model.zero_grad(set_to_none=True)
-
-        mb = bench.peak_memory_mb(step, torch.device("cpu"))
-        if mb is None:
-            pytest.skip("no heap figures here (glibc mallinfo2)")
-        peaks[kind] = mb
+    peaks = bench.loss_step_peaks_mb(model, ids, ids)
+    if None in peaks.values():
+        pytest.skip("no heap figures here (glibc mallinfo2)")
     assert peaks["chunked"] <= 0.6 * peaks["eager"], peaks
 
 
