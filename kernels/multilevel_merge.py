@@ -161,16 +161,18 @@ _DERIVED: dict = {}
 
 def _derived(kind: str, tensors: tuple, dtype: torch.dtype, build):
     """build() cached per (kind, dtype) and each parameter's identity (a view counts as its base
-    tensor at its offset, shape and strides: the tower's per-layer slices hit) and ._version (shared
-    by a view and its base): recomputed only when a parameter is replaced or modified in place (an
-    optimizer step). Inference tensors, which track no version, are never cached."""
+    tensor at its offset, shape and strides: the tower's per-layer slices hit), storage (``p.data = t``,
+    as ``Module.to`` does, keeps the identity and the version) and ._version (shared by a view and its
+    base): recomputed when a parameter is replaced, re-pointed or modified in place (an optimizer step).
+    Writes through ``p.data`` bump no version and are not seen: update under ``torch.no_grad()``.
+    Inference tensors, which track no version, are never cached."""
     try:
         versions = tuple(t._version for t in tensors)
     except RuntimeError:
         return build()
     bases = tuple(t if t._base is None else t._base for t in tensors)
-    key = (kind, dtype) + tuple((id(b), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-                                for b, t in zip(bases, tensors))
+    key = (kind, dtype) + tuple((id(b), t.untyped_storage().data_ptr(), t.device, t.storage_offset(),
+                                 tuple(t.shape), t.stride(), t.dtype) for b, t in zip(bases, tensors))
     hit = _DERIVED.get(key)
     if hit is not None and hit[1] == versions and all(r() is b for r, b in zip(hit[0], bases)):
         return hit[2]

@@ -190,6 +190,9 @@ def test_folded_weights_cached_by_version_and_identity(seed, H):
     params[4] = params[4].clone()  # replaced by another tensor (same values): recomputed
     wf3 = mm.folded_weights(*params, torch.bfloat16)[0]
     assert wf3 is not wf2
+    params[2].data = 3 * params[2].data  # re-pointed as Module.to does: same identity and version
+    wf4 = mm.folded_weights(*params, torch.bfloat16)[0]
+    torch.testing.assert_close(wf4.float(), 3 * wf3.float(), rtol=2 ** -7, atol=0)
     sl = slice(1, 2)  # per-layer slices (new view objects every call, as in a streaming merge) hit
     one = mm.folded_weights(*[p[sl] for p in params], torch.bfloat16)[0]
     assert mm.folded_weights(*[p[sl] for p in params], torch.bfloat16)[0] is one
