@@ -170,10 +170,10 @@ def _repeat_kv(x, h):  # [N, Hkv, D] -> [N, H, D]: each kv head serves H / Hkv q
 
 
 def _loop(q, k, v, lengths, scale, dropout):
-    h = q.shape[1]
-    parts = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout)
-             for qs, ks, vs in zip(*(_heads_first(x).split(lengths, dim=2)
-                                     for x in (q, _repeat_kv(k, h), _repeat_kv(v, h))))]
+    gqa = q.shape[1] != k.shape[1]  # SDPA maps query heads to kv heads itself: no repeated K/V copies
+    parts = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout,
+                                            enable_gqa=gqa)
+             for qs, ks, vs in zip(*(_heads_first(x).split(lengths, dim=2) for x in (q, k, v)))]
     return torch.cat(parts, dim=2)[0].transpose(0, 1)
 
 
