@@ -1,8 +1,10 @@
 """Tokenizers that work with no network.
 
 The presets use ``ByteTokenizer``: UTF-8 bytes are tokens (0..255, or LLaMA's byte-fallback ids),
-then a few special tokens. It needs no training and no files, so a model trained on any text round-trips,
-and it is saved next to the model as ``tokenizer.json``. Real checkpoints (Vicuna, LLaVA) bring
+then a few special tokens. It needs no training and no files, so a model trained on any text round-trips.
+It is saved next to the model in Hugging Face's format, so ``AutoTokenizer.from_pretrained`` gives the same
+ids: ``tokenizer.json`` (a byte-level model of the layout's ids, no merges) and ``tokenizer_config.json``
+(the special tokens, literal special-token text, and comm_fast's own fields). Real checkpoints (Vicuna, LLaVA) bring
 their own Hugging Face tokenizer, wrapped by ``HFTokenizer`` and loaded from the local directory.
 Either way ``<image>`` is never a text token: the conversation code splits on it and inserts
 ``image_token_id`` itself.
@@ -13,6 +15,21 @@ import json
 import os
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character (the printable Latin-1 ones as
+    themselves, the rest shifted past 255), the form Hugging Face's byte-level tokenizers store."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
 
 
 class ByteTokenizer:
@@ -50,10 +67,28 @@ class ByteTokenizer:
         lo = self.byte_offset
         return bytes(int(i) - lo for i in ids if lo <= int(i) < lo + 256).decode("utf-8", errors="replace")
 
+    def special_tokens(self) -> dict[str, int]:
+        pad = "<pad>" if self.layout == "bytes" else "<unk>"  # LLaMA's pad is its <unk>, as in LLaVA
+        return {pad: self.pad_id, "<s>": self.bos_id, "</s>": self.eos_id, "<image>": self.image_token_id}
+
     def save(self, directory: str) -> None:
-        with open(os.path.join(directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-            data = {"comm_fast_tokenizer": self.kind, "layout": self.layout, "vocab_size": self.vocab_size}
-            json.dump(data if self.system is None else {**data, "system": self.system}, f)
+        """tokenizer.json and tokenizer_config.json in Hugging Face's format (see the module docstring)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        special = self.special_tokens()
+        vocab = {char: b + self.byte_offset for b, char in bytes_to_unicode().items()} | special
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: every byte its own token
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        tok.save(os.path.join(directory, TOKENIZER_FILE))
+        pad = next(iter(special))
+        config = {"tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>", "pad_token": pad,
+                  "split_special_tokens": True,  # "<s>" in text is five bytes, as ByteTokenizer.encode has it
+                  "clean_up_tokenization_spaces": False,
+                  "comm_fast_tokenizer": self.kind, "layout": self.layout, "vocab_size": self.vocab_size}
+        with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config if self.system is None else {**config, "system": self.system}, f, indent=2)
 
 
 class HFTokenizer:
@@ -79,17 +114,19 @@ class HFTokenizer:
 
 
 def load_tokenizer(directory, image_token_id: int | None = None):
-    """The tokenizer saved in ``directory``: ours (tokenizer.json naming comm_fast_tokenizer) or a
-    Hugging Face one; None when the directory holds none."""
-    path = os.path.join(os.fspath(directory), TOKENIZER_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: corrupt tokenizer file ({exc})") from None
-        if isinstance(data, dict) and data.get("comm_fast_tokenizer") == "bytes":
-            return ByteTokenizer(data.get("layout", "bytes"), data.get("system"))
+    """The tokenizer saved in ``directory``: ours (tokenizer_config.json naming comm_fast_tokenizer, or the
+    earlier layout's tokenizer.json that held those fields alone) or a Hugging Face one; None when the
+    directory holds none."""
+    for name in (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE):
+        path = os.path.join(os.fspath(directory), name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}: corrupt tokenizer file ({exc})") from None
+            if isinstance(data, dict) and data.get("comm_fast_tokenizer") == "bytes":
+                return ByteTokenizer(data.get("layout", "bytes"), data.get("system"))
     hf_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     if not any(os.path.isfile(os.path.join(directory, f)) for f in hf_files):
         return None

@@ -71,5 +71,5 @@ def test_saved_with_the_model_and_loaded_by_auto_processor(model, tmp_path, seed
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert all(torch.equal(x, y) for x, y in zip(a["pixel_values"], b["pixel_values"]))
     auto.save_pretrained(tmp_path / "p")
-    assert sorted(os.listdir(tmp_path / "p")) == ["processor_config.json", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path / "p")) == ["processor_config.json", "tokenizer.json", "tokenizer_config.json"]
     assert COMMProcessor.from_pretrained(tmp_path / "p").to_dict() == auto.to_dict()
