@@ -169,6 +169,7 @@ def loss_step_peaks_mb(model, ids, labels, kinds=("eager", "chunked"), repeats: 
             peaks[kind] = mb if peaks.get(kind) is None or mb is None else min(peaks[kind], mb)
     return peaks
 
+
 def copy_bandwidth_gbs(device, nbytes: int) -> float:
     """Measured copy bandwidth (bytes read + written per second)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)

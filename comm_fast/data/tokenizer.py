@@ -4,8 +4,8 @@ The presets use ``ByteTokenizer``: UTF-8 bytes are tokens (0..255, or LLaMA's by
 then a few special tokens. It needs no training and no files, so a model trained on any text round-trips.
 It is saved next to the model in Hugging Face's format, so ``AutoTokenizer.from_pretrained`` gives the same
 ids: ``tokenizer.json`` (a byte-level model of the layout's ids, no merges) and ``tokenizer_config.json``
-(the special tokens, literal special-token text, and comm_fast's own fields). Real checkpoints (Vicuna, LLaVA) bring
-their own Hugging Face tokenizer, wrapped by ``HFTokenizer`` and loaded from the local directory.
+(the special tokens, literal special-token text, and comm_fast's own fields). Real checkpoints (Vicuna,
+LLaVA) bring their own Hugging Face tokenizer, wrapped by ``HFTokenizer`` and loaded from the local directory.
 Either way ``<image>`` is never a text token: the conversation code splits on it and inserts
 ``image_token_id`` itself.
 """
@@ -67,9 +67,12 @@ class ByteTokenizer:
         lo = self.byte_offset
         return bytes(int(i) - lo for i in ids if lo <= int(i) < lo + 256).decode("utf-8", errors="replace")
 
+    @property
+    def pad_token(self) -> str:
+        return "<pad>" if self.layout == "bytes" else "<unk>"  # LLaMA's pad is its <unk>, as in LLaVA
+
     def special_tokens(self) -> dict[str, int]:
-        pad = "<pad>" if self.layout == "bytes" else "<unk>"  # LLaMA's pad is its <unk>, as in LLaVA
-        return {pad: self.pad_id, "<s>": self.bos_id, "</s>": self.eos_id, "<image>": self.image_token_id}
+        return {self.pad_token: self.pad_id, "<s>": self.bos_id, "</s>": self.eos_id, "<image>": self.image_token_id}
 
     def save(self, directory: str) -> None:
         """tokenizer.json and tokenizer_config.json in Hugging Face's format (see the module docstring)."""
@@ -82,8 +85,8 @@ class ByteTokenizer:
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
         tok.save(os.path.join(directory, TOKENIZER_FILE))
-        pad = next(iter(special))
-        config = {"tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>", "pad_token": pad,
+        config = {"tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>",
+                  "pad_token": self.pad_token,
                   "split_special_tokens": True,  # "<s>" in text is five bytes, as ByteTokenizer.encode has it
                   "clean_up_tokenization_spaces": False,
                   "comm_fast_tokenizer": self.kind, "layout": self.layout, "vocab_size": self.vocab_size}
