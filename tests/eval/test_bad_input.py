@@ -32,11 +32,17 @@ def test_missing_and_corrupt_annotation_files(model_dir, tmp_path, capsys):
     broken.write_text('[1, 2]')
     rc, err = run_eval(capsys, out, "--model", model_dir, "--task", "pope", "--data", str(broken))
     assert rc == 2 and f"{broken}: record 0: expected a JSON object, got int" in err
+    for empty in ("", "\n  \n", "[]"):
+        broken.write_text(empty)
+        rc, err = run_eval(capsys, out, "--model", model_dir, "--task", "pope", "--data", str(broken))
+        assert rc == 2 and f"{broken}: no records" in err, (empty, err)
 
 
 @pytest.mark.parametrize("task, record, message", [
     ("pope", {"question_id": 5, "image": "wide.png", "text": "Is there a cat?"},
      "record 1 (id 5): field 'label' missing"),
+    ("pope", {"question_id": True, "image": "wide.png", "text": "Is there a cat?", "label": "no"},
+     "record 1 (id True): field 'question_id': expected a POPE record (question_id, image, text, label), got True"),
     ("pope", {"question_id": 5, "image": "wide.png", "text": "Is there a cat?", "label": "maybe"},
      "record 1 (id 5): field 'label': expected \"yes\" or \"no\", got 'maybe'"),
     ("vqa", {"question_id": 5, "image": "wide.png", "question": "What?"}, "record 1 (id 5): field 'answer' missing"),
@@ -62,7 +68,8 @@ def test_a_record_without_its_tasks_fields(model_dir, images, tmp_path, jsonl, c
     assert rc == 2 and f"{data}: {message}" in err, err
 
 
-@pytest.mark.parametrize("bbox", [[10, 5, 65, 40], [-1, 5, 20, 40], [10, 5, 20, 48.5], [30, 5, 20, 40]])
+@pytest.mark.parametrize("bbox", [[10, 5, 65, 40], [-1, 5, 20, 40], [10, 5, 20, 48.5], [30, 5, 20, 40],
+                                  [10, 5, 10, 40], [10, 40, 20, 40], [10, -0.5, 20, 40]])
 def test_a_box_outside_its_image(model_dir, images, tmp_path, jsonl, capsys, bbox):
     rec = {"img_path": "wide.png", "expression": "the cat", "bbox": bbox, "height": 48, "width": 64}
     data = jsonl(tmp_path / "ann.jsonl", [rec])
@@ -120,6 +127,29 @@ def test_an_image_that_fails_to_decode_mid_run_leaves_no_files(model_dir, images
     rc, err = run_eval(capsys, tmp_path / "out", "--model", model_dir, "--task", "pope", "--data", data,
                        "--image-folder", str(folder), "--batch-size", "2")
     assert rc == 2 and f"{folder / 'cut.png'}: cannot decode image" in err and "(item 2)" in err, err
+    out = tmp_path / "skipped"  # on request it is skipped and counted like the ones found before the run
+    assert main(["eval", "--model", model_dir, "--task", "pope", "--data", data, "--image-folder", str(folder),
+                 "--out", str(out), "--no-progress", "--max-new-tokens", "2", "--batch-size", "2",
+                 "--skip-bad-images"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_bad_images"] == 1 and metrics["num_items"] == 2 and metrics["overall"]["n"] == 2
+    assert [b["id"] for b in metrics["bad_images"]] == [2] and "cannot decode image" in metrics["bad_images"][0]["reason"]
+
+
+def test_nothing_left_to_score_writes_nothing(model_dir, pope_file, tmp_path, capsys):
+    """Every image missing and skipped on request: an error, not a metrics.json of zero items."""
+    rc, err = run_eval(capsys, tmp_path / "out", "--model", model_dir, "--task", "pope", "--data", pope_file,
+                       "--image-folder", str(tmp_path / "no-images"), "--skip-bad-images")
+    assert rc == 2 and "nothing to score: no items left (all skipped?)" in err, err
+
+
+def test_an_id_in_two_annotation_files(model_dir, images, pope_file, tmp_path, capsys):
+    other = tmp_path / "more" / "coco_pope_random.json"
+    other.parent.mkdir()
+    shutil.copy(pope_file, other)
+    rc, err = run_eval(capsys, tmp_path / "out", "--model", model_dir, "--task", "pope", "--data", pope_file,
+                       str(other), "--image-folder", images[0])
+    assert rc == 2 and f"{other}: id 0 appears twice (also in {pope_file}); ids must be unique" in err, err
 
 
 def test_a_model_directory_that_is_not_a_comm_model(pope_file, images, tmp_path, capsys):

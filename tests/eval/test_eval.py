@@ -132,3 +132,55 @@ def test_a_model_saved_before_the_aspect_field_is_evaluated_as_cropping(model_di
         metrics = evaluate(str(old), "rec", jsonl(tmp_path / "rec.jsonl", recs), folder, max_new_tokens=2,
                            progress=False)
     assert metrics["image_aspect"] == "crop"
+
+
+def test_p_yes_is_the_first_tokens_yes_against_no(images, pope_file):
+    """Prismatic's rule on a stand-in model whose first-step logits are 2 for "Y", 0 for "N" and 5 for "a":
+    p_yes = e^2 / (e^2 + e^0) = 0.8808 (the other token does not count), and "yes" although the text says No."""
+    import math
+    import types
+
+    from comm_fast.data import ByteTokenizer
+    from comm_fast.eval.run import score_rows
+
+    tok = ByteTokenizer()
+
+    class StandIn:
+        tokenizer = tok
+
+        def prompt_inputs(self, prompts):
+            return torch.ones(len(prompts), 3, dtype=torch.long), torch.ones(len(prompts), 3, dtype=torch.long)
+
+        def generate(self, input_ids, images, **kwargs):
+            assert len(images) == len(input_ids)
+            logits = torch.zeros(len(input_ids), tok.vocab_size)
+            logits[:, ord("Y")], logits[:, ord("a")] = 2.0, 5.0
+            seq = torch.tensor([[ord("N"), ord("o"), tok.eos_id, ord("x")]] * len(input_ids))
+            return types.SimpleNamespace(sequences=seq, scores=[logits])
+
+    items = load_items("pope", pope_file, images[0])[0][:3]
+    assert yes_no_ids(tok) == (ord("Y"), ord("N"))
+    rows, bad = answer(StandIn(), items, batch_size=2, yes_no=yes_no_ids(tok), progress=False)
+    assert bad == [] and [r["answer"] for r in rows] == ["No"] * 3  # cut at </s>
+    assert [r["p_yes"] for r in rows] == pytest.approx([math.exp(2) / (math.exp(2) + 1)] * 3, abs=1e-6)
+    score_rows("pope", rows, "prismatic")
+    assert [r["parsed"] for r in rows] == ["yes"] * 3
+
+
+def test_limit_takes_the_first_items(model_dir, images, pope_file, tmp_path):
+    metrics = evaluate(model_dir, "pope", pope_file, images[0], limit=2, out=str(tmp_path / "out"), max_new_tokens=2,
+                       progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out" / PREDICTIONS).read_text().splitlines()]
+    assert metrics["num_items"] == 2 and [r["id"] for r in rows] == [0, 1]
+
+
+def test_only_rank_zero_writes(model_dir, images, pope_file, tmp_path, monkeypatch):
+    """Rank 1 of two (the gather stood in for: both ranks' rows are rank 1's) scores but writes nothing."""
+    from comm_fast.eval import run
+
+    monkeypatch.setattr(run, "rank_world", lambda: (1, 2))
+    monkeypatch.setattr(run, "gather", lambda obj: [obj, obj])
+    metrics = evaluate(model_dir, "pope", pope_file, images[0], out=str(tmp_path / "out"), max_new_tokens=2,
+                       progress=False)
+    assert metrics["world_size"] == 2 and metrics["num_items"] == 6  # rank 1's 3 items, twice
+    assert not (tmp_path / "out").exists()

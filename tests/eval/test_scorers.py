@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from comm_fast.data.boxes import box_from_square, box_iou, box_to_square, parse_box, square_frame
+from comm_fast.data.boxes import box_from_square, box_iou, box_to_square, format_box, parse_box, square_frame
 from comm_fast.eval import pope, rec, vqa
 from comm_fast.eval.run import rescore, score_rows, shard, unshard
 
@@ -15,11 +15,14 @@ from comm_fast.eval.run import rescore, score_rows, shard, unshard
     ("[0.1, 0.2, 0.3, 0.4]", (0.1, 0.2, 0.3, 0.4)),
     (" [0,0,1,1]\n", (0.0, 0.0, 1.0, 1.0)),               # ints and the edges are in [0, 1]
     ("[0.1, 0.2, 0.3]", None),                            # three numbers
+    ("[0.1, 0.2, 0.3, 0.4, 0.5]", None),                  # five numbers
     ("[0.1, 0.2, 0.3, 1.2]", None),                       # outside [0, 1]
     ("[0.3, 0.2, 0.1, 0.4]", None),                       # x0 > x1
     ("[0.1, 0.4, 0.3, 0.4]", None),                       # y0 == y1
+    ("[0.3, 0.2, 0.3, 0.4]", None),                       # x0 == x1
     ("(0.1, 0.2, 0.3, 0.4)", None),                       # a tuple, not a list
     ("The box is [0.1, 0.2, 0.3, 0.4].", None),           # the whole answer must be the list
+    ("[0.1, 0.2, True, 0.4]", None),                      # a bool is no number
     ("[true, 0.2, 0.3, 0.4]", None), ("['a', 0.2, 0.3, 0.4]", None), ("", None), ("[[0.1], 0.2, 0.3, 0.4]", None),
 ])
 def test_parse_box_is_prismatics_rule(text, box):
@@ -36,6 +39,16 @@ def test_padded_square_geometry_by_hand():
     assert box_to_square((0, 0, 101, 200), 101, 200) == (49 / 200, 0.0, 150 / 200, 1.0)
     assert box_to_square((3, 4, 5, 6), 50, 50) == (3 / 50, 4 / 50, 5 / 50, 6 / 50)  # square: no padding
     assert box_from_square(box_to_square((10, 7, 90, 33), 101, 40), 101, 40) == pytest.approx((10, 7, 90, 33))
+
+
+def test_format_box_by_hand():
+    # the 640 x 480 box above: (0.15625, 0.1875, 0.46875, 0.5), rounded half to even where it is a tie
+    assert format_box((100, 40, 300, 240), 640, 480) == "[0.156,0.188,0.469,0.500]"
+    assert format_box((100, 40, 300, 240), 640, 480, decimals=2) == "[0.16,0.19,0.47,0.50]"
+    assert format_box((0.25, 0.5, 0.75, 1.0)) == "[0.250,0.500,0.750,1.000]"  # already normalised
+    assert format_box((0, 0, 130, 128), 128, 128) == "[0.000,0.000,1.000,1.000]"  # 130 / 128 clamped to 1
+    with pytest.raises(ValueError, match="decimals: expected a positive int, got 0"):
+        format_box((0, 0, 1, 1), decimals=0)
 
 
 @pytest.mark.parametrize("size", [(64, 48), (30, 61), (77, 77)])
@@ -63,6 +76,8 @@ def test_iou_by_hand():
     assert box_iou((0, 0, 0.5, 0.5), (0.25, 0.25, 0.75, 0.75)) == pytest.approx(1 / 7, abs=1e-15)
     assert box_iou((0, 0, 1, 0.5), (0, 0, 1, 1)) == 0.5
     assert box_iou((0, 0, 0.2, 0.2), (0.5, 0.5, 1, 1)) == 0.0
+    assert box_iou((0, 0, 1, 0.2), (0, 0.5, 1, 1)) == 0.0  # apart in y only (the y overlap -0.3 is 0)
+    assert box_iou((0, 0, 0.2, 1), (0.5, 0, 1, 1)) == 0.0  # apart in x only
     assert box_iou((0.1, 0.2, 0.3, 0.4), (0.1, 0.2, 0.3, 0.4)) == 1.0
 
 
@@ -79,6 +94,11 @@ def test_rec_metrics_by_hand():
     assert m["splits"]["testA"] == pytest.approx({"n": 2, "acc@0.5": 0.0, "mean_iou": 1 / 14,
                                                   "parse_failure_rate": 0.5})
     assert rows[2]["parsed"] is None and rows[1]["parsed"] == [0, 0, 1, 0.5] and rows[1]["score"] == 1.0
+    # a row with the image's (width, height): its box in pixels. 64 x 48 pads 8 rows above:
+    # (0.25, 0.25, 0.75, 0.75) * 64 = (16, 16, 48, 48), minus (0, 8) -> (16, 8, 48, 40)
+    row = {"id": 5, "split": "val", "answer": "[0.25,0.25,0.75,0.75]", "target": [0, 0, 1, 1], "size": [64, 48]}
+    rec.score(row)
+    assert row["box_pixels"] == [16, 8, 48, 40] and row["iou"] == 0.25
 
 
 # -- POPE -------------------------------------------------------------------------------------------
@@ -123,6 +143,9 @@ def test_pope_prismatic_rule():
     ("red / white", "red white"),   # "/" next to a space is deleted
     ("3.5 inches", "3.5 inches"),   # a period before a digit stays
     ("none", "0"), ("  ten\tcats\n", "10 cats"), ("It's an apple", "it's apple"),
+    ("yes?", "yes"),                # "?" is punctuation (replaced by a space, then split away)
+    ("a-b -c", "ab c"),             # " -" somewhere: every "-" is deleted, not spaced ("a b c")
+    ("a" + "." * 40, "a" + "." * 8),  # the official re.sub(..., re.UNICODE) removes at most 32 periods
 ])
 def test_vqa_normalisation(text, expected):
     assert vqa.normalize_answer(text) == expected
@@ -166,6 +189,12 @@ def test_rec_loaders(tmp_path):
     assert [i.id for i in items] == ["c1"] and counts == {"records_in_own_words": 1, "records_without_box": 1}
     assert items[0].prompt == conv["conversations"][0]["value"] and items[0].target == [0.102, 0.32, 0.453, 0.602]
     assert items[0].image == str(tmp_path / "b.png") and items[0].size is None
+    # a box on the image's edges is inside it: 64 x 48 pads 8 rows above, (10, 0 + 8, 64, 48 + 8) / 64
+    edge = dict(shikra, bbox=[10, 0, 64, 48], width=64, height=48)
+    (it,), _ = rec.load([edge], str(tmp_path / "val.jsonl"), None, None)
+    assert it.target == [0.15625, 0.125, 1.0, 0.875]
+    with pytest.raises(ValueError, match=r"record 0 \(id 'c1'\): field 'conversations': expected a question and its"):
+        rec.load([dict(conv, conversations=conv["conversations"][:1])], str(tmp_path / "val.json"), None, None)
 
 
 def test_pope_and_vqa_loaders(tmp_path):
@@ -228,4 +257,23 @@ def test_rescore_saved_predictions_without_a_model(tmp_path):
     pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"record 1: field 'answer' missing"):
         rescore(str(pred), out=str(tmp_path / "y"))
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    rows[1]["answer"] = None
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"record 1: field 'answer': expected a string, got None"):
+        rescore(str(pred), out=str(tmp_path / "z"))
+    assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+def test_rescoring_by_the_cli_takes_the_pope_rule(tmp_path, capsys):
+    """The text says yes, the first token's probabilities say no (p_yes 0.3), the label is no."""
+    from comm_fast.cli import main
+
+    row = {"task": "pope", "id": 0, "split": "random", "answer": "Yes", "target": "no", "p_yes": 0.3}
+    pred = tmp_path / "predictions.jsonl"
+    pred.write_text(json.dumps(row) + "\n")
+    assert main(["eval", "--predictions", str(pred)]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["overall"]["accuracy"] == 0.0  # llava: "yes"
+    assert main(["eval", "--predictions", str(pred), "--pope-rule", "prismatic"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["rule"] == "prismatic" and metrics["overall"]["accuracy"] == 1.0
+    capsys.readouterr()
