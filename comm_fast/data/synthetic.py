@@ -218,7 +218,7 @@ def make_records(index: int, image: str, objects, kind: str, frame, rng: random.
         if others and rng.random() < 0.5:  # a follow-up turn: what is at this box?
             c2, s2, b2 = rng.choice(others)
             conv += [{"from": "human", "value": f"What is at {format_box(b2, *frame, decimals)}?"},
-                     {"from": "gpt", "value": f"A {c2} {s2}."}]
+                     {"from": "gpt", "value": f"{_a(c2).capitalize()} {c2} {s2}."}]
     if mix is not None:
         conv = list(conv)
         if not grounding:  # captions: short (as drawn), short answers (VQA-style), or long and grounded

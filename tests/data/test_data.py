@@ -151,3 +151,78 @@ def test_a_tokenizers_own_system_prompt_replaces_vicunas_and_is_saved(tmp_path):
         assert load_tokenizer(tmp_path).system == tok.system
     with pytest.raises(ValueError, match="system: expected a string or None, got int"):
         ByteTokenizer(system=3)
+
+
+def test_truncation_keeps_ids_and_labels_aligned_at_the_limit():
+    from comm_fast.data.conversation import IGNORE_INDEX, tokenize_conversation
+
+    tok = ByteTokenizer()
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A red circle."}]
+    ids, labels, truncated = tokenize_conversation(conv, tok, N_TOKENS)
+    n = len(ids)
+    assert not truncated and len(labels) == n and labels[-1] == tok.eos_id  # the reply's </s> is a target
+    same, same_labels, truncated = tokenize_conversation(conv, tok, N_TOKENS, max_length=n)  # exactly fits
+    assert not truncated and np.array_equal(same, ids) and np.array_equal(same_labels, labels)
+    cut, cut_labels, truncated = tokenize_conversation(conv, tok, N_TOKENS, max_length=n - 3)
+    assert truncated and len(cut) == len(cut_labels) == n - 3
+    assert np.array_equal(cut, ids[:n - 3]) and np.array_equal(cut_labels, labels[:n - 3])
+    assert (labels[:n - 15] == IGNORE_INDEX).all()  # "A red circle." + </s> are the only targets: 15 tokens
+    assert (labels[n - 15:] != IGNORE_INDEX).all()
+
+
+def test_images_of_any_mode_load_as_rgb(tmp_path):
+    """Grey, palette and RGBA PNGs come back as H x W x 3 uint8, as PIL's convert("RGB") gives them (grey g
+    -> (g, g, g); alpha dropped, not composited)."""
+    from PIL import Image
+
+    from comm_fast.data.dataset import load_images
+
+    grey = np.arange(200, dtype=np.uint8).reshape(10, 20)
+    Image.fromarray(grey, "L").save(tmp_path / "l.png")
+    rgba = np.zeros((10, 20, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 10
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(grey, "L").convert("P").save(tmp_path / "p.png")
+    g, a, p = load_images([str(tmp_path / n) for n in ("l.png", "rgba.png", "p.png")])
+    assert g.shape == a.shape == p.shape == (10, 20, 3) and g.dtype == np.uint8
+    assert np.array_equal(g, np.repeat(grey[..., None], 3, axis=2)) and np.array_equal(p, g)
+    assert (a == [200, 0, 0]).all()
+
+
+def test_packing_fills_rows_to_their_capacity_exactly():
+    from comm_fast.data.dataset import Sample
+
+    def sample(n):
+        return Sample(np.arange(1, n + 1), np.arange(1, n + 1), [])
+
+    batch = collate([sample(6), sample(4)], pad_id=0, pack=True, capacity=10)  # 6 + 4 fit one row of 10
+    assert batch["input_ids"].shape == (1, 10)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
+    batch = collate([sample(6), sample(3)], pad_id=0, pack=True, capacity=6)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]]  # the tail: its own segment
+    assert batch["labels"][1].tolist() == [1, 2, 3, -100, -100, -100]
+
+
+def test_an_image_folder_overrides_the_data_directory(tmp_path):
+    (tmp_path / "finetune.json").write_text("[]")
+    assert resolve_data(str(tmp_path), "finetune") == (str(tmp_path / "finetune.json"), str(tmp_path))
+    assert resolve_data(str(tmp_path), "finetune", "/imgs") == (str(tmp_path / "finetune.json"), "/imgs")
+    assert resolve_data(str(tmp_path / "finetune.json"), "pretrain", "/imgs")[1] == "/imgs"
+    assert resolve_data(str(tmp_path / "finetune.json"), "pretrain")[1] == str(tmp_path)
+
+
+def test_the_collator_refuses_bad_arguments_and_packs_to_its_length():
+    from comm_fast import COMMConfig
+    from comm_fast.data.collator import COMMDataCollator
+
+    vision = COMMConfig.preset("tiny").vision
+    with pytest.raises(TypeError, match="pad_id: expected the tokenizer's padding id"):
+        COMMDataCollator(True, vision)
+    with pytest.raises(ValueError, match="pack_length: expected a positive number of tokens or None, got 0"):
+        COMMDataCollator(0, vision, pack=True, pack_length=0)
+    with pytest.raises(ValueError, match=r"features\[0\]: input_ids and labels must be 1-D"):
+        COMMDataCollator(0, vision)([{"input_ids": [[1, 2], [3, 4]], "labels": [[1, 2], [3, 4]]}])
+    feats = [{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in (6, 4, 5)]
+    batch = COMMDataCollator(0, vision, pack=True, pack_length=10)(feats)
+    assert batch["input_ids"].shape == (2, 10) and "attention_mask" not in batch

@@ -132,6 +132,8 @@ def test_val_split_is_held_out(train_set, val_set, tmp_path):
     train_recs, val_recs = _rec(train_set), _rec(val_set)
     assert {r["split"] for r in val_recs} == {"val"} and {r["split"] for r in train_recs} == {"train"}
     assert not {r["id"] for r in train_recs} & {r["id"] for r in val_recs}
+    layout = lambda r: (tuple(r["bbox"]), r["expression"], r["width"], r["height"])  # noqa: E731
+    assert not {layout(r) for r in train_recs} & {layout(r) for r in val_recs}  # other objects, not just other noise
     # nor the train set of the seeds next to it, nor val sets of other seeds
     others = [make_synthetic(tmp_path / f"t{s}", N, seed=s) for s in (4, 6)]
     others.append(make_synthetic(tmp_path / "v6", N, seed=6, split="val"))
@@ -221,3 +223,101 @@ def test_texture_calms_the_background_and_keeps_everything_else(tmp_path, capsys
     assert 0.2 < np.median(ratios) < 0.3, ratios
     assert cli(["make-data", "synthetic", "--n", "3", "--texture", "1.5", "--out", str(tmp_path / "x")]) == 2
     assert "--texture: expected a background contrast in [0, 1], got 1.5" in capsys.readouterr().out
+
+
+def test_where_by_hand():
+    # thirds of the padded square: a 32 px box at x 0-32 of 128 is left (centre 0.125), y 48-80 middle
+    from comm_fast.data.synthetic import _where
+
+    assert _where((0, 48, 32, 80), (128, 128)) == "on the left"
+    assert _where((96, 0, 128, 32), (128, 128)) == "at the top right"
+    assert _where((0, 100, 20, 120), (128, 128)) == "at the bottom left"
+    # 128 x 72 pads 28 rows above: (54, 26 + 28, 74, 46 + 28) / 128, centre (0.5, 0.5)
+    assert _where((54, 26, 74, 46), (128, 72)) == "in the centre"
+
+
+def _check_llava_text(path, decimals=3):
+    """Every question the llava mix asks of an image answered as the image's objects (its REC records) say;
+    returns how many of each kind were checked."""
+    import re
+
+    from comm_fast.data.boxes import format_box
+    from comm_fast.data.synthetic import GROUNDING_QUESTIONS
+
+    objects = {}
+    for r in _rec(path):
+        objects.setdefault(r["img_path"], []).append(r)
+    box_re = r"\[[\d.,]+\]"
+    grounding = [re.compile(re.escape(q).replace(r"\{\}", "(\\w+) (\\w+)") + "$") for q in GROUNDING_QUESTIONS]
+    seen = dict.fromkeys(("box", "region", "colour", "count", "presence", "relation", "description"), 0)
+    for rec in json.load(open(os.path.join(path, "finetune.json"))):
+        objs = objects[rec["image"]]
+        by_box = {format_box(o["bbox"], o["width"], o["height"], decimals): o["expression"][4:] for o in objs}
+        by_name = {o["expression"][4:]: o for o in objs}
+        centre_x = {name: o["bbox"][0] + o["bbox"][2] for name, o in by_name.items()}
+        turns = rec["conversations"]
+        for q, a in zip((t["value"].removeprefix("<image>\n") for t in turns[::2]), (t["value"] for t in turns[1::2])):
+            for text in (q, a):
+                assert all(re.fullmatch(rf"\[(?:[01]\.\d{{{decimals}}},){{3}}[01]\.\d{{{decimals}}}\]", b)
+                           for b in re.findall(box_re, text)), text
+            if m := next((g.match(q) for g in grounding if g.match(q)), None):
+                name = f"{m[1]} {m[2]}"
+                assert by_box.get(a) == name, (q, a)
+                seen["box"] += 1
+            elif m := re.fullmatch(rf"What is at ({box_re})\?", q):
+                assert a == f"{'An' if by_box[m[1]][0] in 'aeiou' else 'A'} {by_box[m[1]]}.", (q, a)
+                seen["region"] += 1
+            elif m := re.fullmatch(rf"What colour is the (\w+) at ({box_re})\?", q):
+                colour, shape = by_box[m[2]].split()
+                assert shape == m[1] and a == f"{colour.capitalize()}.", (q, a)
+                seen["colour"] += 1
+            elif q == "How many shapes are there?":
+                assert a == ("One.", "Two.", "Three.")[len(objs) - 1], (q, a, len(objs))
+                seen["count"] += 1
+            elif m := re.fullmatch(r"Is there an? (\w+ \w+)\?", q):
+                assert a == (f"Yes, at {format_box(by_name[m[1]]['bbox'], objs[0]['width'], objs[0]['height'], decimals)}."
+                             if m[1] in by_name else "No."), (q, a)
+                seen["presence"] += 1
+            elif m := re.fullmatch(r"Is the (\w+ \w+) to the left of the (\w+ \w+)\?", q):
+                left = centre_x[m[1]] < centre_x[m[2]]
+                assert a == ("Yes, it is to the left of it." if left else "No, it is to the right of it."), (q, a)
+                seen["relation"] += 1
+            elif m := re.search(r"The (\w+ \w+) is to the (left|right) of the (\w+ \w+)\.$", a):
+                assert m[2] == ("left" if centre_x[m[1]] < centre_x[m[3]] else "right"), a
+                seen["description"] += 1
+    return seen
+
+
+def test_llava_mix_answers_what_the_image_holds(tmp_path):
+    """The finetune mix's questions answered by hand from the REC records of the same images: boxes, the
+    object at a box, colours, counts, presence, left/right relations (also in grounded descriptions); and
+    every box written with the decimals asked for."""
+    seen = _check_llava_text(make_synthetic(tmp_path / "d3", 60, seed=3))
+    assert min(seen.values()) > 0, seen  # every kind was asked
+    seen = _check_llava_text(make_synthetic(tmp_path / "d2", 30, seed=4, box_decimals=2), decimals=2)
+    assert seen["box"] and seen["region"], seen
+
+
+def test_first_exchanges_and_object_counts(tmp_path):
+    """A quarter of the finetune records open with a caption, the rest with a box question (the seeded
+    draw of 60: within 0.6-0.9); --max-objects 1 draws one object per image."""
+    from comm_fast.data.synthetic import GROUNDING_QUESTIONS
+
+    path = make_synthetic(tmp_path / "mix", 60, seed=2)
+    firsts = [rec["conversations"][0]["value"] for rec in json.load(open(os.path.join(path, "finetune.json")))]
+    grounding = sum(any(q.split("{}")[0] in f for q in GROUNDING_QUESTIONS) for f in firsts) / len(firsts)
+    assert 0.6 <= grounding <= 0.9, grounding
+    one = _rec(make_synthetic(tmp_path / "one", 12, seed=1, max_objects=1))
+    assert sorted(r["img_path"] for r in one) == [f"images/{i:06d}.png" for i in range(12)]
+
+
+def test_the_bounds_of_the_flags_are_accepted(tmp_path):
+    """The ends of each documented range: 6 decimals, texture 0 (flat backgrounds), every image non-square."""
+    from PIL import Image
+
+    path = make_synthetic(tmp_path / "a", 4, seed=1, box_decimals=6, texture=0.0, nonsquare=1.0, mix="rec")
+    assert all(len(parse_box(t["value"]) or ()) == 4 and len(t["value"]) == 37
+               for rec in json.load(open(os.path.join(path, "finetune.json"))) for t in rec["conversations"][1::2])
+    for r in _rec(path):
+        with Image.open(os.path.join(path, r["img_path"])) as im:
+            assert im.width != im.height

@@ -29,6 +29,12 @@ def test_auto_tokenizer_reads_the_saved_files_with_the_same_ids(tmp_path, layout
     hf = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
     assert hf.convert_tokens_to_ids("<image>") == ours.image_token_id
+    # LLaMA's pad is its <unk> (id 0), as LLaVA pads; the bytes layout has a <pad> of its own
+    assert hf.pad_token == hf.convert_ids_to_tokens(ours.pad_id) == {"bytes": "<pad>", "llama": "<unk>"}[layout]
+    from comm_fast.data.tokenizer import HFTokenizer
+
+    wrapped = HFTokenizer(hf, ours.image_token_id)  # as a real checkpoint's tokenizer is used
+    assert (wrapped.pad_id, wrapped.bos_id, wrapped.eos_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
     rng = random.Random(seed)
     for text in [*ours.special_tokens(), "<pad>", "<unk>", *(random_text(rng, n) for n in (0, 1, 5, 40, 300))]:
         ids = ours.encode(text)

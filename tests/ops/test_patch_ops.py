@@ -281,6 +281,28 @@ def test_joint_preprocess_pad_matches_expand2square_then_processors(seed, backen
     assert not torch.equal(crop[0], clip[0]) and torch.equal(crop[2], clip[2])  # square images are not padded
 
 
+@pytest.mark.parametrize("h, w", [(3, 4), (4, 3), (5, 8), (8, 5), (6, 6)])
+def test_pad_offsets_and_colours_exactly_at_scale_one(seed, h, w):
+    """Resized to its own padded side, an image comes out as LLaVA's expand2square of it, normalised, to
+    float rounding: the odd paddings (1 and 3 rows or columns) pin PIL's rounded-down offset, and the exact
+    comparison each encoder's pad colour (CLIP's and DINOv2's differ by one grey level per channel)."""
+    iu = pytest.importorskip("transformers").image_utils
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    side = max(h, w)
+    stats = ((iu.OPENAI_CLIP_MEAN, iu.OPENAI_CLIP_STD), (iu.IMAGENET_DEFAULT_MEAN, iu.IMAGENET_DEFAULT_STD))
+    wants = []
+    for (mean, std), colour in zip(stats, _published_colours()):
+        square = torch.from_numpy(_expand2square(image, colour).copy()).double().permute(2, 0, 1) / 255
+        wants.append((square - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+    for backend in ["auto", "torch"] if BUILT else ["torch"]:
+        for ours, want in zip(joint_preprocess([image], side, side, aspect="pad", backend=backend), wants):
+            torch.testing.assert_close(ours[0].double(), want, atol=1e-5, rtol=0, msg=lambda m: f"{backend}: {m}")
+    for (mean, std), want in zip(stats, wants):
+        ours = reference.preprocess_image(torch.from_numpy(image), side, mean, std, pad=True)
+        torch.testing.assert_close(ours.double(), want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("size", [64, 40])
 def test_reference_preprocess_image_matches_processors(seed, size, pad):
