@@ -136,7 +136,8 @@ def test_a_model_saved_before_the_aspect_field_is_evaluated_as_cropping(model_di
 
 def test_p_yes_is_the_first_tokens_yes_against_no(images, pope_file):
     """Prismatic's rule on a stand-in model whose first-step logits are 2 for "Y", 0 for "N" and 5 for "a":
-    p_yes = e^2 / (e^2 + e^0) = 0.8808 (the other token does not count), and "yes" although the text says No."""
+    p_yes = e^2 / (e^2 + e^0) = 0.8808 (the other token, and later steps, do not count), and "yes" although the
+    text says No."""
     import math
     import types
 
@@ -155,8 +156,10 @@ def test_p_yes_is_the_first_tokens_yes_against_no(images, pope_file):
             assert len(images) == len(input_ids)
             logits = torch.zeros(len(input_ids), tok.vocab_size)
             logits[:, ord("Y")], logits[:, ord("a")] = 2.0, 5.0
+            later = torch.zeros(len(input_ids), tok.vocab_size)
+            later[:, ord("N")] = 9.0  # the second step's scores: not the answer's first token
             seq = torch.tensor([[ord("N"), ord("o"), tok.eos_id, ord("x")]] * len(input_ids))
-            return types.SimpleNamespace(sequences=seq, scores=[logits])
+            return types.SimpleNamespace(sequences=seq, scores=[logits, later])
 
     items = load_items("pope", pope_file, images[0])[0][:3]
     assert yes_no_ids(tok) == (ord("Y"), ord("N"))

@@ -139,3 +139,82 @@ def test_the_generate_command_streams_and_searches_beams(tmp_path, capsys, seed)
     assert capsys.readouterr().out.strip() == plain.strip() == model.generate(prompt="hi", max_new_tokens=4)
     assert main([*args, "--num-beams", "3"]) == 0
     assert capsys.readouterr().out.strip() == model.generate(prompt="hi", max_new_tokens=4, num_beams=3)
+
+
+def favour(model, token_id):
+    """A hook that makes ``token_id`` the LM head's clear favourite at every step (remove() it after)."""
+    def hook(module, args, out):
+        return out.index_add(-1, torch.tensor([token_id]), torch.full_like(out[..., :1], 1e4))
+    return model.llm.lm_head.register_forward_hook(hook)
+
+
+def test_a_left_padded_batch_with_one_image_token_per_image_scores_as_each_prompt_alone(model):
+    """Prompts of different lengths, each with one <image> token that generate expands to the visual
+    tokens, left-padded into one batch: each row's first-step scores are those of its prompt alone."""
+    tok = model.tokenizer
+    rows = [[tok.bos_id, *tok.encode("USER: "), tok.image_token_id, *tok.encode(q + " ASSISTANT:")]
+            for q in (" hi", " where is the big red circle?")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    px = (torch.randn(2, 3, 56, 56), torch.randn(2, 3, 56, 56))
+    kw = dict(max_new_tokens=2, return_dict_in_generate=True, output_scores=True)
+    both = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, **kw)
+    for b in range(2):
+        alone = model.generate(input_ids=torch.tensor([rows[b]]), pixel_values=(px[0][b:b + 1], px[1][b:b + 1]), **kw)
+        torch.testing.assert_close(both.scores[0][b], alone.scores[0][0], rtol=0, atol=1e-4)
+
+
+def test_generation_config_fields_and_keywords_reach_the_decoder(model):
+    """As transformers' generate has them: a bare GenerationConfig gives the documented 64 new tokens, its
+    suppress_tokens hold, logits processors and do_sample given as keywords are applied."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    tok = model.tokenizer
+    ids = torch.tensor([[tok.bos_id, 65]])
+    assert model.generate(input_ids=ids, generation_config=GenerationConfig(), suppress_tokens=[tok.eos_id]).shape == (1, 64)
+    handle = favour(model, tok.eos_id)
+    try:
+        new = model.generate(input_ids=ids, generation_config=GenerationConfig(max_new_tokens=4,
+                                                                               suppress_tokens=[tok.eos_id]))
+        assert new.shape == (1, 4) and tok.eos_id not in new[0].tolist()
+    finally:
+        handle.remove()
+
+    class OnlyA(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = torch.full_like(scores, -float("inf"))
+            out[:, 65] = 0
+            return out
+
+    assert model.generate(input_ids=ids, max_new_tokens=3,
+                          logits_processor=LogitsProcessorList([OnlyA()])).tolist() == [[65, 65, 65]]
+    draws = set()
+    for s in range(4):
+        torch.manual_seed(s)
+        draws.add(tuple(model.generate(input_ids=ids, max_new_tokens=6, do_sample=True, top_k=0)[0].tolist()))
+    assert len(draws) > 1
+
+
+def test_prompt_strings_in_and_out(model, seed):
+    """prompt= returns a string for a string and a list for a list (of one too), stripped as eval's answers
+    are; pixel_values stand for images; a list of eos ids (transformers allows one) stops decoding."""
+    import numpy as np
+
+    assert isinstance(model.generate(prompt="hi", max_new_tokens=3), str)
+    out = model.generate(prompt=["hi"], max_new_tokens=3)
+    assert isinstance(out, list) and len(out) == 1
+    image = np.random.default_rng(seed).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    assert model.generate(prompt="What?", images=[image], max_new_tokens=4) == model.generate(
+        prompt="What?", pixel_values=model.processor.pixel_values([image]), max_new_tokens=4)
+    handle = favour(model, ord(" "))
+    try:
+        assert model.generate(prompt="hi", max_new_tokens=3) == ""  # three spaces, stripped
+    finally:
+        handle.remove()
+    model.generation_config.eos_token_id = [model.tokenizer.eos_id, ord(".")]
+    handle = favour(model, ord("."))
+    try:
+        assert model.generate(prompt="hi", max_new_tokens=3) == ""  # "." ends it and is not shown
+    finally:
+        handle.remove()
