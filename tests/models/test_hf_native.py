@@ -98,6 +98,10 @@ def test_dtype_on_load(tmp_path, seed):
     ours = COMMForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert {p.dtype for p in auto.parameters()} == {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert COMMForCausalLM.from_pretrained(tmp_path / "m").dtype == torch.float32  # as built, whatever was saved
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in COMMForCausalLM.from_pretrained(tmp_path / "bf16").parameters()} == {torch.float32}
+    older = COMMForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)  # transformers' older name
+    assert {p.dtype for p in older.parameters()} == {torch.bfloat16}
     rotary = copy.deepcopy(model.llm.model.rotary_emb)  # RoPE's inverse frequencies stay float32, as built
     reference = model.to(torch.bfloat16)
     reference.llm.model.rotary_emb = rotary
@@ -139,6 +143,42 @@ def test_weights_that_do_not_fit_are_an_error(tmp_path, seed):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="not a saved COMMForCausalLM .*model_type 'llama'"):
         COMMForCausalLM.from_pretrained(tmp_path / "llama")
+
+
+def _edit_weights(directory, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(directory, "model.safetensors")
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def test_unexpected_and_misshapen_weights_are_errors_too(tmp_path, seed):
+    """Stricter than transformers, which warns of unexpected keys and, with ignore_mismatched_sizes=True,
+    re-initialises a misshapen weight: both are errors naming the key. A missing directory is named."""
+    tiny(False).save_pretrained(tmp_path / "m")
+    _edit_weights(tmp_path / "m", lambda w: w.__setitem__("vision.extra.weight", torch.zeros(3)))
+    with pytest.raises(ValueError, match=r"does not fit COMMForCausalLM: unexpected keys \['vision.extra.weight'\]"):
+        COMMForCausalLM.from_pretrained(tmp_path / "m")
+    tiny(False).save_pretrained(tmp_path / "m2")
+    _edit_weights(tmp_path / "m2", lambda w: w.__setitem__("vision.projector.weight", torch.zeros(128, 129)))
+    with pytest.raises(ValueError, match="does not fit COMMForCausalLM: mismatched keys .*vision.projector.weight"):
+        COMMForCausalLM.from_pretrained(tmp_path / "m2", ignore_mismatched_sizes=True)
+    with pytest.raises(FileNotFoundError, match="model: no such directory"):
+        COMMForCausalLM.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_save_writes_the_state_dict_it_is_given_and_reports_loading(tmp_path, seed, tied):
+    """As transformers has them: save_pretrained(state_dict=sd) writes sd (FSDP's gathered weights), not the
+    model's own; from_pretrained(output_loading_info=True) returns (model, info)."""
+    model, other = tiny(tied), tiny(tied)
+    model.save_pretrained(tmp_path / "m", state_dict=other.state_dict())
+    again, info = COMMForCausalLM.from_pretrained(tmp_path / "m", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    got, want = again.state_dict(), other.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_config_is_a_pretrained_config():

@@ -60,11 +60,12 @@ def test_loop_equals_the_padded_batch_forward_and_backward(seed, case, scale):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("case", ["odd", "mqa"])
-def test_flex_forward_on_cpu_equals_the_padded_batch(seed, case):
+@pytest.mark.parametrize("scale", [None, 0.3])  # None: 1/sqrt(16); 0.3 must reach the kernel
+def test_flex_forward_on_cpu_equals_the_padded_batch(seed, case, scale):
     lengths, h, hkv = CASES[case]
     qkv = inputs(lengths, h, hkv, dtype=torch.float32, grad=False)  # FlexAttention has no CPU backward
-    out = packing.packed_attention(*qkv, lengths, scale=0.25, method="flex")
-    torch.testing.assert_close(out.double(), padded_reference(*qkv, lengths, 0.25), rtol=1e-5, atol=1e-5)
+    out = packing.packed_attention(*qkv, lengths, scale=scale, method="flex")
+    torch.testing.assert_close(out.double(), padded_reference(*qkv, lengths, scale), rtol=1e-5, atol=1e-5)
     assert _backend.last_used()[packing.OP]["backend"] == "flex"
 
 
@@ -150,6 +151,48 @@ def test_methods_that_cannot_run_are_refused_with_the_reason():
         packing.packed_attention(*qkv, [2, 2], method="loop")
     with pytest.raises(ValueError, match=r"H a multiple of Hkv, got q \(5, 2, 16\), k \(5, 3, 16\)"):
         packing.packed_attention(qkv[0], *inputs([5], 3, 3)[1:], [5], method="loop")
+
+
+def test_nested_asks_sdpa_for_causal_attention_over_the_true_sample_lengths(seed, monkeypatch):
+    """A CPU stand-in for the -m gpu tests (CPU SDPA has no causal nested kernel): the nested call is causal
+    and its jagged tensors carry the real shortest and longest sample (a varlen kernel sizes its grid by
+    them)."""
+    import torch.nn.functional as F
+
+    seen, real = {}, F.scaled_dot_product_attention
+
+    def spy(q, k, v, is_causal=False, **kwargs):
+        seen.update(causal=is_causal, shortest=q._min_seqlen, longest=q._max_seqlen)
+        return real(q, k, v, is_causal=False, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    packing._nested(*inputs([1, 3, 17], 4, 2, dtype=torch.float32, grad=False), [1, 3, 17], 0.3, 0.0)
+    assert seen == {"causal": True, "shortest": 1, "longest": 17}
+
+
+def test_a_row_that_starts_mid_sample_and_empty_samples():
+    """The tokens before a row's first position 0 are a sample of their own (block_causal_mask's segments
+    too); a sample of no tokens is refused."""
+    pos = torch.tensor([[2, 3, 0, 1, 2]])
+    assert packing.sample_lengths(pos) == [2, 3]
+    allowed = packing.block_causal_mask(pos)[0, 0]
+    assert allowed[1, 0] and not allowed[2, 1] and allowed[4, 2]
+    with pytest.raises(ValueError, match="lengths must be positive"):
+        packing.packed_attention(*inputs([5], 2, 2, grad=False), [0, 5], method="loop")
+
+
+def test_running_out_of_memory_is_not_a_reason_to_fall_back(seed, monkeypatch):
+    """auto falls back when this torch build cannot run the fused call; out of memory, it would only run
+    out again (slower): the error is raised and the method is not marked as failed."""
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(packing, "_FAILED", {})
+    monkeypatch.setitem(packing._METHODS, "nested", out_of_memory)
+    monkeypatch.setattr(packing, "resolve_method", lambda device, method, dropout: ("nested", "as on CUDA"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        packing.packed_attention(*inputs([2, 3], 2, 2), [2, 3])
+    assert "nested" not in packing._FAILED
 
 
 def test_auto_falls_back_to_the_loop_when_the_fused_call_fails_and_says_so(seed, monkeypatch):
