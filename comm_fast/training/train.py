@@ -185,6 +185,8 @@ def configure_stage(model, stage: str, tune_llm: bool | None) -> set[str]:
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
+    """A linear warm-up to the peak that starts at 1/(warmup + 1) of it, not at 0 (every step trains), then
+    transformers' cosine decay to 0 at ``total``."""
     def factor(step):
         if step < warmup:
             return (step + 1) / (warmup + 1)

@@ -1,5 +1,7 @@
 """comm-fast train end to end on the tiny preset: falling loss, metrics, exact resume with dropout, bad input,
 split invariance (micro-batches x accumulation x processes, packed or padded), 2-process gloo DDP / FSDP2."""
+import json
+import math
 import os
 import subprocess
 import sys
@@ -175,3 +177,90 @@ def test_train_from_local_llm_clip_dino_checkpoints(tmp_path):
     img = next(iter(sorted((out / "data-synthetic" / "images").iterdir())))
     assert cli(["generate", "--model", str(out / "model"), "--image", str(img), "--prompt", "Where?",
                 "--max-new-tokens", "3"]) == 0
+
+
+# -- what an interrupted-and-resumed run cannot see (it is broken the same way as the uninterrupted one) --
+def _fake_checkpoint(out, step, files):
+    d = out / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    for f in files:
+        (d / f).write_bytes(b"x")
+    (d / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 1, "data_position": 0}))
+    return d
+
+
+CHECKPOINT_FILES = ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng-rank0.pt"]
+
+
+def test_the_latest_checkpoint_is_the_highest_step_and_a_partial_one_is_skipped(tmp_path):
+    from comm_fast.training import checkpoint
+
+    for s in (8, 16, 100, 24):
+        _fake_checkpoint(tmp_path / "run", s, CHECKPOINT_FILES)
+    path, state = checkpoint.latest_complete(str(tmp_path / "run"))
+    assert path.endswith("checkpoint-100") and state["step"] == 100  # by number, not by name
+    for missing in CHECKPOINT_FILES:
+        d = _fake_checkpoint(tmp_path / missing, 3, CHECKPOINT_FILES)
+        os.remove(d / missing)
+        assert checkpoint.read_state(str(d)) is None and checkpoint.latest_complete(str(tmp_path / missing)) is None
+
+
+@pytest.mark.parametrize("ratio, steps, warmup", [(0.1, 20, 2), (0.03, 24, 1), (0.0, 10, 0), (0.25, 8, 2)])
+def test_the_schedule_warms_up_then_follows_transformers_cosine_to_zero(ratio, steps, warmup):
+    """Warm-up steps s < w at (s + 1) / (w + 1) of the peak; from w on, transformers'
+    get_cosine_schedule_with_warmup to the step. A ratio > 0 warms up at least one step."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from comm_fast.training.train import make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer, scheduler = make_optimizer([p], 1.0, 0.0, ratio, steps)
+    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                                                warmup, steps)
+    for s in range(steps):
+        want = (s + 1) / (warmup + 1) if s < warmup else reference.lr_lambdas[0](s)
+        assert scheduler.get_last_lr()[0] == pytest.approx(want, abs=1e-12), s
+        p.grad = torch.ones_like(p)
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_run_logs_the_schedules_learning_rates(tmp_path):
+    out = tmp_path / "lr"
+    assert train(out, "--steps", "6", "--lr", "1e-3", "--warmup-ratio", "0.34") == 0  # warm-up round(2.04) = 2
+    # by hand: 1/3, 2/3, then 0.5 (1 + cos(pi k / 4)) for k = 0..3
+    want = [1 / 3, 2 / 3, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert [m["lr"] for m in metrics(out)] == pytest.approx([1e-3 * w for w in want], rel=1e-9)
+
+
+def test_a_pretrain_run_trains_only_the_heads(tmp_path):
+    out = tmp_path / "pre"
+    assert train(out, "--stage", "pretrain", "--steps", "1") == 0
+    names = set(weights(out, 1))
+    assert names and not any(n.startswith("llm.") for n in names)
+    assert trainer_state(out, 1)["fingerprint"]["tune_llm"] is False
+
+
+def test_a_step_clips_the_update_to_max_grad_norm(tmp_path):
+    """With SGD at lr 1 the update is the clipped gradient: its norm is min(|g|, c), and |g| unclipped."""
+    from comm_fast.data.dataset import ConversationDataset, resolve_data
+    from comm_fast.data.synthetic import make_synthetic
+    from comm_fast.mllm import COMMForCausalLM
+    from comm_fast.presets import get
+    from comm_fast.training.train import TrainStep, configure_stage
+
+    preset = get("tiny")
+    model = COMMForCausalLM(preset.config(), preset.tokenizer())
+    configure_stage(model, "finetune", None)
+    data, folder = resolve_data(make_synthetic(tmp_path / "d", 4, seed=3), "finetune")
+    dataset = ConversationDataset(data, folder, model.tokenizer, model.num_image_tokens, model.config.max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for clip in (1e-3, 0.0):
+        before = [p.detach().clone() for p in params]
+        optimizer = torch.optim.SGD(params, lr=1.0)
+        step = TrainStep(model, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                         dataset, "cpu", pack=False, pack_length=None, max_grad_norm=clip, micro_batch=2)
+        logged = step([0, 1])["grad_norm"]  # the norm before clipping
+        moved = math.sqrt(sum(((p.detach() - b) ** 2).sum().item() for p, b in zip(params, before)))
+        assert logged > 1e-2 and moved == pytest.approx(min(logged, clip) if clip else logged, rel=1e-3)
