@@ -43,12 +43,25 @@ def test_tower_matches_reference(tmp_path, seed, overrides, grad):
     assert rel_err(out, expected) <= 1e-5
 
 
-@pytest.mark.parametrize("dino", [hf_dinov2, hf_dinov2_reg])
-def test_tower_resamples_dino_grid_onto_clip_grid(tmp_path, seed, dino):
+@pytest.mark.parametrize("dino", [hf_dinov2, hf_dinov2_reg])  # with registers: CLS + 4 registers dropped
+@pytest.mark.parametrize("grad", [False, True], ids=["streaming", "buffered"])
+def test_tower_resamples_dino_grid_onto_clip_grid(tmp_path, seed, dino, grad):
     tower, ref = _build(tmp_path, dino=dino, dino_image_size=70, grid_resample="bicubic")
     clip_px, dino_px = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 70, 70)  # 4x4 vs 5x5 grids
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         assert rel_err(tower(clip_px, dino_px), ref(clip_px, dino_px)) <= 1e-5
+
+
+def test_fresh_merge_heads_start_as_documented(tmp_path):
+    """docs/architecture.md: α and β start at 1/L, the merge LayerNorms as identity."""
+    clip_hf, dino_hf = hf_clip(), hf_dinov2()
+    clip_hf.save_pretrained(tmp_path / "clip")
+    dino_hf.save_pretrained(tmp_path / "dino")
+    tower = COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "dino", **BASE)
+    for head, layers in ((tower.clip_merge, BASE["clip_layers"]), (tower.dino_merge, BASE["dino_layers"])):
+        assert torch.equal(head.alpha, torch.full((len(layers),), 1 / len(layers)))
+        assert torch.equal(head.ln_weight, torch.ones_like(head.ln_weight))
+        assert torch.equal(head.ln_bias, torch.zeros_like(head.ln_bias))
 
 
 def test_tower_backward_matches_reference(tmp_path, seed):
@@ -157,6 +170,8 @@ def test_bad_tower_inputs(tmp_path, seed):
         COMMVisionTower.from_pretrained(tmp_path / "clip")
     with pytest.raises(ValueError, match="dino_layers: index 7 past the encoder's 3 blocks"):
         COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "dino", **{**BASE, "dino_layers": (7,)})
+    with pytest.raises(ValueError, match="clip_layers: index 4 past the encoder's 3 blocks"):  # 0..3 exist
+        COMMVisionTower.from_pretrained(tmp_path / "clip", tmp_path / "dino", **{**BASE, "clip_layers": (1, 4)})
 
 
 def test_streaming_inference_memory_does_not_grow_with_merged_layers(tmp_path, seed):

@@ -171,6 +171,30 @@ def test_env_triton_under_interpreter(clean_env):
     assert _backend.last_used()["fused_mlp"]["backend"] == "triton"
 
 
+def test_an_out_call_records_its_own_reason(clean_env):
+    """layernorm_weighted_sum(out=...) notes why its backend ran, not what the call before it noted."""
+    args = [_merge_inputs()[i] for i in (0, 1, 2, 5)]
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    ops.layernorm_weighted_sum(*args)
+    assert _backend.last_used()["layernorm_weighted_sum"]["reason"].startswith("auto: CPU tensors")
+    clean_env.setenv("COMM_FAST_BACKEND", "triton")  # unusable on CPU without the interpreter: falls back
+    clean_env.setattr(_backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="COMM_FAST_BACKEND=triton"):
+        ops.layernorm_weighted_sum(*args, out=torch.empty(args[0].shape[1:], dtype=args[0].dtype))
+    used = _backend.last_used()["layernorm_weighted_sum"]
+    assert used["backend"] == "torch" and used["reason"].startswith("COMM_FAST_BACKEND=triton unusable"), used
+
+
+def test_cuda_tensors_under_the_interpreter_take_torch(clean_env):
+    """TRITON_INTERPRET=1 runs Triton on CPU tensors only: on CUDA tensors auto picks torch, and says why."""
+    pytest.importorskip("triton")
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    for op, entry in merge.describe().items():
+        assert entry["cuda"]["backend"] == "torch" and "TRITON_INTERPRET=1 is set" in entry["cuda"]["reason"], op
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    assert merge.describe()["fused_mlp"]["cuda"]["backend"] == "triton"
+
+
 def test_describe_shape(clean_env):
     d = merge.describe()
     assert set(d) == {"layernorm_weighted_sum", "multilevel_merge", "fused_mlp"}
@@ -212,6 +236,7 @@ def _merge_args():
      r"ln_weight: expected a tensor on cpu .* got meta"),
     (dict(h="hidden"), TypeError, r"h: expected a tensor"),
     (dict(ln_weight=[[1.0] * 8] * 3), TypeError, r"ln_weight: expected a torch.Tensor, got list"),
+    (dict(eps=-0.5), ValueError, r"eps: expected a non-negative float, got -0\.5"),  # rstd would be NaN
 ])
 def test_bad_merge_input(change, exc, match, clean_env):
     args = _merge_args()
@@ -219,7 +244,7 @@ def test_bad_merge_input(change, exc, match, clean_env):
     with pytest.raises(exc, match=match):
         ops.multilevel_merge(**args)
     if "weight" not in change and "bias" not in change:
-        lnws_args = {k: args[k] for k in ("h", "ln_weight", "ln_bias", "alpha")}
+        lnws_args = {k: args[k] for k in ("h", "ln_weight", "ln_bias", "alpha", "eps") if k in args}
         with pytest.raises(exc, match=match):
             ops.layernorm_weighted_sum(**lnws_args)
 
@@ -413,6 +438,25 @@ def _rank_choice(rank, port, cache, results):
         results[rank] = merge_variants.choose("k", _fake_runners(calls), {}, torch.device("cpu"), measure=True)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_remembered_choice_is_dropped_when_it_cannot_run_the_call(variants):
+    """A variant chosen earlier for a key (in memory, or in a stale cache file naming a variant that no
+    longer exists) is not returned when it cannot run this call: the eligible ones are used or timed."""
+    calls, dev = [], torch.device("cpu")
+    assert merge_variants.choose("k", _fake_runners(calls), {}, dev, measure=False)[0] == "folded"
+    runners = _fake_runners(calls)
+    del runners["folded"]
+    variant, why = merge_variants.choose("k", runners, {"folded": "strided rows"}, dev, measure=False)
+    assert variant == "materialised" and "folded not eligible: strided rows" in why
+    merge_variants.clear()
+    path = merge_variants.cache_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"stale": {"variant": "tiled", "times_ms": {}}}, f)
+    variants.setattr(merge_variants, "time_ms", lambda fn, device: (fn(), 1.0)[1])
+    variant, why = merge_variants.choose("stale", _fake_runners(calls), {}, dev, measure=True)
+    assert variant in merge_variants.VARIANTS and why.startswith("measured fastest"), (variant, why)
 
 
 def test_distributed_ranks_take_rank_0s_choice(tmp_path):
