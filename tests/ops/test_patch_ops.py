@@ -266,7 +266,8 @@ def test_joint_preprocess_pad_matches_expand2square_then_processors(seed, backen
     if backend == "auto" and not BUILT:
         pytest.skip("extension not built")
     rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(90, 120), (130, 70), (64, 64)]]
+    shapes = [(90, 120), (130, 70), (64, 64), (91, 120), (64, 97)]  # even and odd paddings
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
     clip, dino = joint_preprocess(images, *sizes, aspect="pad", backend=backend)
     for ours, proc, colour, std in zip((clip, dino), _normalising_processors(*sizes), _published_colours(),
                                        (CLIP_STD, DINO_STD)):
