@@ -34,6 +34,11 @@ BAD_VALUES = [
     ("generate", "--max-new-tokens", "0", "expected a positive integer, got 0"),
     ("generate", "--temperature", "0", "expected a positive number, got 0"),
     ("make-data", "--n", "0", "expected a positive integer, got 0"),
+    ("make-data", "--size", "0", "expected a positive integer, got 0"),
+    ("generate", "--temperature", "inf", "expected a positive number, got inf"),
+    ("generate", "--num-beams", "0", "expected a positive integer, got 0"),
+    ("train", "--lr", "inf", "expected a non-negative number, got inf"),
+    ("train", "--warmup-ratio", "1e1", "expected a number in [0, 1], got 1e1"),  # the text as typed
 ]
 
 
@@ -43,8 +48,32 @@ def test_bad_values_are_refused_by_name(command, flag, value, message, capsys, t
     with pytest.raises(SystemExit) as exc:
         cli([command, *required.get(command, []), flag, value])
     assert exc.value.code == 2
-    assert f"argument {flag}: {message}" in capsys.readouterr().err
+    assert f"argument {flag}: {message}\n" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_range_ends_are_accepted():
+    import argparse
+
+    from comm_fast.training.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert [parser.parse_args(["--warmup-ratio", v]).warmup_ratio for v in ("0", "1")] == [0.0, 1.0]
+
+
+def test_generate_refuses_a_device_and_an_image_it_cannot_use(tmp_path, capsys):
+    from comm_fast import COMMConfig, COMMForCausalLM
+    from comm_fast.data import ByteTokenizer
+
+    assert cli(["generate", "--model", "m", "--prompt", "p", "--device", "meta"]) == 2
+    assert "--device: expected cpu, cuda or cuda:N, got 'meta'" in capsys.readouterr().err
+    COMMForCausalLM(COMMConfig.preset("tiny"), ByteTokenizer()).save_pretrained(tmp_path / "m")
+    (tmp_path / "x.png").write_text("not an image")
+    assert cli(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--prompt", "hi",
+                "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "comm-fast generate: error:" in err and "x.png" in err and "Traceback" not in err
 
 
 def test_lr_zero_is_honoured(tmp_path):

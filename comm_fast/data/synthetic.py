@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -359,7 +360,7 @@ def run(args) -> int:
         out = make_synthetic(args.out, args.n, args.seed, args.size, args.split, args.mix, args.nonsquare,
                              args.max_objects, args.box_decimals, args.texture)
     except (ValueError, FileExistsError) as exc:
-        print(f"comm-fast make-data: error: {exc}")
+        print(f"comm-fast make-data: error: {exc}", file=sys.stderr)
         return 2
     files = "rec.jsonl" if args.split != "train" else "rec.jsonl, pretrain.json and finetune.json"
     print(f"wrote {args.n} {args.split} images, {files} to {out}")
